@@ -1,0 +1,258 @@
+"""K-FAC mathematics as pure, Lightning-free functions.
+
+Follows Martens & Grosse (2015), "Optimizing Neural Networks with Kronecker-factored
+Approximate Curvature", and Grosse & Martens (2016), "A Kronecker-factored approximate
+Fisher matrix for convolution layers" (the 'expand' reading for convolutions).
+
+Tensor layout used throughout
+-----------------------------
+* A layer's gradient is handled as a matrix ``M = [dW | db]`` of shape ``(d_out, d_in)``,
+  where ``d_in = fan_in (+1 when the layer has a bias)``; a Conv2d weight
+  ``(out, C, kh, kw)`` is flattened to ``(out, C*kh*kw)`` in the same ``(C, kh, kw)``
+  order that :func:`torch.nn.functional.unfold` produces.
+* ``A`` is ``(d_in, d_in)``: the second moment of the layer input ``ā`` (input with a 1
+  appended when the layer has a bias). ``G`` is ``(d_out, d_out)``: the second moment of
+  ``ĝ``, the per-example gradient of the loss with respect to the layer output.
+* The Fisher block acts on ``M`` as ``X -> G X A``, i.e. it is ``A ⊗ G`` on ``vec(M)``
+  with column-stacking ``vec``.
+* Factor statistics are kept as *sums* with a *count* so that micro-batches and ranks
+  can be combined exactly: ``A = A_sum / A_count``, ``G = G_sum / G_count``.
+  Linear: ``A_count = B`` (examples), ``G_count = B``.
+  Conv2d: ``A_count = B*S`` (example-locations), ``G_count = B``; hence
+  ``A ⊗ G = S * [1/(BS) Σ ā āᵀ] ⊗ [1/(BS) Σ ĝ ĝᵀ]`` with the factor ``S`` put in ``G``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: Largest number of elements of one unfolded-patch temporary (about 64 MB in float32).
+#: Bigger feature maps are processed in chunks of examples: a multi-GB temporary on every
+#: factor-update step costs more in page faults than the matrix product itself.
+UNFOLD_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+
+def second_moment_sum(rows: Tensor, append_one: bool) -> Tensor:
+    """Return ``Σ_r ā_r ā_rᵀ`` for the rows of ``rows``.
+
+    Args:
+        rows: ``(N, d)``.
+        append_one: treat every row as ``[row, 1]`` (bias column), without building the
+            ``(N, d+1)`` copy.
+
+    Returns:
+        ``(d, d)`` or ``(d+1, d+1)`` when ``append_one``.
+    """
+    n, d = rows.shape
+    if not append_one:
+        return rows.T @ rows
+    out = rows.new_empty(d + 1, d + 1)
+    out[:d, :d] = rows.T @ rows
+    col = rows.sum(0)
+    out[:d, d] = col
+    out[d, :d] = col
+    out[d, d] = n
+    return out
+
+
+class ConvGeometry(NamedTuple):
+    """What patch extraction needs to know about a Conv2d (all pairs are (h, w))."""
+
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int, int, int]  # F.pad order: (left, right, top, bottom)
+    padding_mode: str  # 'zeros', 'reflect', 'replicate' or 'circular'
+
+
+def conv_geometry(conv: torch.nn.Conv2d) -> ConvGeometry:
+    """Read a :class:`~torch.nn.Conv2d`'s geometry, resolving ``padding='same'|'valid'``."""
+    kh, kw = conv.kernel_size
+    dh, dw = conv.dilation
+    if conv.padding == "valid":
+        pad = (0, 0, 0, 0)
+    elif conv.padding == "same":
+        # total padding dilation*(k-1), the extra one on the right/bottom, as torch does
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    else:
+        ph, pw = conv.padding
+        pad = (pw, pw, ph, ph)
+    return ConvGeometry((kh, kw), tuple(conv.stride), (dh, dw), pad, conv.padding_mode)
+
+
+def unfold_patches(x: Tensor, geo: ConvGeometry) -> Tensor:
+    """Extract the convolution patches of ``x``.
+
+    Args:
+        x: input ``(B, C, H, W)``.
+        geo: the layer's :class:`ConvGeometry`.
+
+    Returns:
+        ``(B, S, C*kh*kw)`` with ``S = H_out * W_out``; columns in ``(C, kh, kw)`` order.
+    """
+    if any(geo.padding):
+        mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
+        x = F.pad(x, geo.padding, mode=mode)
+    cols = F.unfold(x, geo.kernel_size, dilation=geo.dilation, stride=geo.stride)
+    return cols.transpose(1, 2)
+
+
+def conv_input_sum(x: Tensor, geo: ConvGeometry, bias: bool, location_stride: int = 1,
+                   offset: tuple[int, int] = (0, 0)) -> tuple[Tensor, int]:
+    """``Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ`` over examples n and output locations t, and the count.
+
+    With ``location_stride`` s > 1 only every s-th output row and column (starting at
+    ``offset``) is used: an unbiased estimate with about 1/s² of the cost.
+
+    Args:
+        x: layer input ``(B, C, H, W)``.
+        geo: the layer's :class:`ConvGeometry`.
+        bias: append the constant 1 of the bias.
+        location_stride: use every s-th output location along each spatial axis.
+        offset: first output row/column used, each in ``[0, location_stride)``.
+
+    Returns:
+        ``(sum (d, d), count)`` with ``d = C*kh*kw (+1)`` and count = rows summed.
+    """
+    if location_stride > 1:
+        x, geo = _subsample_input(x, geo, location_stride, offset)
+    b = x.shape[0]
+    per_example = x[0:1].numel() * geo.kernel_size[0] * geo.kernel_size[1]
+    chunk = max(1, UNFOLD_CHUNK_ELEMENTS // max(per_example, 1))
+    total: Optional[Tensor] = None
+    count = 0
+    for start in range(0, b, chunk):
+        patches = unfold_patches(x[start:start + chunk], geo)
+        rows = patches.reshape(-1, patches.shape[-1])
+        part = second_moment_sum(rows, bias)
+        total = part if total is None else total.add_(part)
+        count += rows.shape[0]
+    assert total is not None
+    return total, count
+
+
+def _subsample_input(x: Tensor, geo: ConvGeometry, s: int, offset: tuple[int, int]):
+    """Rewrite (x, geo) so that unfolding yields only every s-th output location."""
+    if any(geo.padding):
+        mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
+        x = F.pad(x, geo.padding, mode=mode)
+    sh, sw = geo.stride
+    oh, ow = offset
+    x = x[:, :, oh * sh:, ow * sw:]
+    return x, geo._replace(stride=(sh * s, sw * s), padding=(0, 0, 0, 0))
+
+
+def output_grad_sum(g: Tensor, location_stride: int = 1,
+                    offset: tuple[int, int] = (0, 0)) -> tuple[Tensor, float]:
+    """``Σ_n Σ_t ĝ_{n,t} ĝ_{n,t}ᵀ`` and the count of examples it stands for.
+
+    Args:
+        g: per-example output gradients ĝ, ``(B, d_out)`` for Linear or
+            ``(B, d_out, H, W)`` for Conv2d.
+        location_stride, offset: as in :func:`conv_input_sum`; the sum over the used
+            locations is scaled up to all S locations (``count`` shrinks instead).
+
+    Returns:
+        ``(sum (d_out, d_out), count)``, count = B (times used/all locations when strided).
+    """
+    b = g.shape[0]
+    if g.dim() == 2:
+        return g.T @ g, float(b)
+    full = g.shape[2] * g.shape[3]
+    if location_stride > 1:
+        g = g[:, :, offset[0]::location_stride, offset[1]::location_stride]
+    used = g.shape[2] * g.shape[3]
+    rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+    return rows.T @ rows, b * used / full
+
+
+class Eigen(NamedTuple):
+    """Eigendecomposition ``F = Q diag(d) Qᵀ`` of a factor: ``Q (d, d)``, ``d (d,)``."""
+
+    Q: Tensor
+    d: Tensor
+
+
+def symmetric_eigen(factor: Tensor) -> Eigen:
+    """Eigendecomposition of a symmetric PSD factor, eigenvalues clamped at 0.
+
+    Raises :class:`torch.linalg.LinAlgError` when ``eigh`` does not converge.
+    """
+    d, q = torch.linalg.eigh(factor)
+    return Eigen(q, d.clamp_(min=0.0))
+
+
+def pi_damping(A: Tensor, G: Tensor) -> Tensor:
+    """Tikhonov factor split π = sqrt((tr A / dim A) / (tr G / dim G)) (Martens & Grosse §6.3)."""
+    ta = torch.diagonal(A).mean()
+    tg = torch.diagonal(G).mean()
+    eps = torch.finfo(A.dtype).tiny
+    return torch.sqrt(ta.clamp(min=eps) / tg.clamp(min=eps))
+
+
+def damped_inverse(factor: Tensor, shift: Tensor | float) -> Tensor:
+    """``(F + shift I)⁻¹`` for a symmetric PSD ``F (d, d)`` via Cholesky.
+
+    Raises :class:`torch.linalg.LinAlgError` when the shifted matrix is not positive definite.
+    """
+    m = factor.clone()
+    m.diagonal().add_(shift)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if bool(info.ne(0).any()):
+        raise torch.linalg.LinAlgError("Cholesky factorisation failed")
+    return torch.cholesky_inverse(chol)
+
+
+def inverse_pair(A: Tensor, G: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Factored Tikhonov damping: ``((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹)``."""
+    pi = pi_damping(A, G)
+    root = math.sqrt(damping)
+    return damped_inverse(A, pi * root), damped_inverse(G, root / pi)
+
+
+def precondition_eigen(grad: Tensor, a: Eigen, g: Eigen, damping: float) -> Tensor:
+    """``(A ⊗ G + λ I)⁻¹ vec(grad)``, exactly, from the factors' eigendecompositions.
+
+    ``ΔW = Q_G [(Q_Gᵀ ∇W Q_A) ⊘ (d_G d_Aᵀ + λ)] Q_Aᵀ``.
+
+    Args:
+        grad: ``(d_out, d_in)``.
+        a: eigendecomposition of A ``(d_in, d_in)``; g: of G ``(d_out, d_out)``.
+
+    Returns:
+        ``(d_out, d_in)``.
+    """
+    v = g.Q.T @ grad @ a.Q
+    v.div_(torch.outer(g.d, a.d).add_(damping))
+    return g.Q @ v @ a.Q.T
+
+
+def precondition_inverse(grad: Tensor, a_inv: Tensor, g_inv: Tensor) -> Tensor:
+    """``G⁻¹ grad A⁻¹`` with already damped inverses: ``(d_out, d_out) @ (d_out, d_in) @ (d_in, d_in)``."""
+    return g_inv @ grad @ a_inv
+
+
+def kl_clip_scale(vg_sum: Tensor, kl_clip: float) -> Tensor:
+    """ν = min(1, sqrt(κ / Σ_layers lr² ⟨ΔW, ∇W⟩)), a 0-dim tensor (no host sync).
+
+    Ba, Grosse & Martens (2017), "Distributed second-order optimization using
+    Kronecker-factored approximations", §5.
+    """
+    tiny = torch.finfo(vg_sum.dtype).tiny
+    return torch.sqrt(kl_clip / vg_sum.clamp(min=tiny)).clamp(max=1.0)
+
+
+def running_average(running: Optional[Tensor], new: Tensor, decay: float) -> Tensor:
+    """Running average ``decay * running + (1 - decay) * new``; the first call returns ``new``.
+
+    Out of place on purpose: the previous tensor may still be referenced as the source of
+    the current decomposition (needed for an exact resume).
+    """
+    if running is None:
+        return new
+    return torch.lerp(new, running, decay)

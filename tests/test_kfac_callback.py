@@ -1,0 +1,299 @@
+"""The KFAC callback in real Lightning runs, against slow explicit references (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.testing import assert_close
+
+from conftest import StepCapture, TinyModule, loader, tiny_data, tiny_net, trainer
+from lightning_kfac_swa import KFAC
+from lightning_kfac_swa import kfac_math as km
+from test_kfac_math import explicit_patches
+
+
+def reference_step(state, batch, bn=True, classes=5):
+    """Slow references for one training step: A, G per layer and the raw gradients.
+
+    Runs the network layer by layer in float64 (train mode), takes ĝ = B × ∂loss/∂output
+    with autograd, and builds the factors from explicit patches and per-location loops.
+    """
+    net = tiny_net(bn, classes).double()
+    net.load_state_dict({k[len("net."):]: v for k, v in state.items()})
+    net.train()
+    x, y = batch
+    B = x.shape[0]
+    conv, lin = net[0], net[-1]
+    h = conv(x)
+    conv_out = h
+    for m in list(net)[1:-1]:
+        h = m(h)
+    lin_in = h
+    out = lin(lin_in)
+    loss = F.cross_entropy(out, y)
+    g_conv, g_lin = torch.autograd.grad(loss, [conv_out, lin_in], retain_graph=True)
+    g_lin = torch.autograd.grad(loss, out)[0]
+    g_conv, g_lin = g_conv * B, g_lin * B
+    rows, (ho, wo) = explicit_patches(x, conv)
+    rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], 1)
+    A_conv = rows.T @ rows / (B * ho * wo)
+    G_conv = sum(torch.outer(g_conv[n, :, i, j], g_conv[n, :, i, j])
+                 for n in range(B) for i in range(ho) for j in range(wo)) / B
+    a_lin = torch.cat([lin_in, torch.ones(B, 1, dtype=lin_in.dtype)], 1)
+    A_lin = sum(torch.outer(a_lin[n], a_lin[n]) for n in range(B)) / B
+    G_lin = sum(torch.outer(g_lin[n], g_lin[n]) for n in range(B)) / B
+    return {"net.0": (A_conv, G_conv), "net.%d" % (len(net) - 1): (A_lin, G_lin)}
+
+
+def dense_precondition(A, G, grad, damping):
+    """vec(ΔW) = (A ⊗ G + λ I)⁻¹ vec(∇) with column-stacking vec, by a dense solve."""
+    d_out, d_in = grad.shape
+    dense = torch.kron(A, G) + damping * torch.eye(d_in * d_out, dtype=A.dtype)
+    return torch.linalg.solve(dense, grad.T.reshape(-1)).reshape(d_in, d_out).T
+
+
+def as_matrix(grads, name):
+    w, b = grads[name + ".weight"], grads[name + ".bias"]
+    return torch.cat([w.reshape(w.shape[0], -1), b[:, None]], 1)
+
+
+class FactorCapture(Callback):
+    """Copies the KFAC callback's factors after every optimizer step (public state_dict)."""
+
+    def __init__(self, kfac):
+        self.kfac, self.factors = kfac, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.factors.append({n: (f["A"].clone(), f["G"].clone())
+                             for n, f in self.kfac.state_dict()["factors"].items()})
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+@pytest.mark.parametrize("kl_clip", [None, 1e-4])
+def test_empirical_factors_and_preconditioning_match_dense_reference(method, kl_clip, tmp_path):
+    damping, lr = 0.05, 0.1
+    kfac = KFAC(damping=damping, factor_decay=0.0, factor_update_interval=1, inverse_update_interval=1,
+                kl_clip=kl_clip, fisher="empirical", method=method)
+    before, after, factors = StepCapture(), StepCapture(), FactorCapture(kfac)
+    module = TinyModule(lr=lr, nograd_forward=True).double()
+    val = tiny_data(16, dtype=torch.float64, seed=5)
+    val.tensors = (val.tensors[0] * 50, val.tensors[1])  # would wreck A if validation were recorded
+    t = trainer(tmp_path, precision="64-true", max_steps=3, val_check_interval=1, limit_val_batches=1,
+                callbacks=[before, kfac, after, factors])
+    t.fit(module, loader(tiny_data(24, dtype=torch.float64)), loader(val))
+    assert kfac.steps == 3
+    for step in range(3):
+        ref = reference_step(before.states[step], before.batches[step])
+        got_factors = factors.factors[step]
+        vg, pre = 0.0, {}
+        for name, (A, G) in ref.items():
+            assert_close(got_factors[name][0], A)
+            assert_close(got_factors[name][1], G)
+            raw = as_matrix(before.grads[step], name)
+            if method == "eigen":
+                pre[name] = dense_precondition(A, G, raw, damping)
+            else:
+                d_in, d_out = A.shape[0], G.shape[0]
+                pi = ((torch.trace(A) / d_in) / (torch.trace(G) / d_out)).sqrt()
+                pre[name] = torch.linalg.solve(G + damping ** 0.5 / pi * torch.eye(d_out, dtype=A.dtype),
+                                               raw) @ torch.linalg.inv(A + pi * damping ** 0.5 * torch.eye(d_in, dtype=A.dtype))
+            vg += lr ** 2 * (pre[name] * raw).sum()
+        nu = 1.0 if kl_clip is None else min(1.0, (kl_clip / vg) ** 0.5)
+        if kl_clip is not None:
+            assert nu < 1.0  # the clip is active in this configuration
+        for name in ref:
+            assert_close(as_matrix(after.grads[step], name), nu * pre[name])
+        # non-K-FAC parameters (BN) are untouched
+        assert_close(after.grads[step]["net.1.weight"], before.grads[step]["net.1.weight"])
+
+
+def test_mc_fisher_last_layer_approaches_model_fisher_and_differs_from_empirical(tmp_path):
+    """With lr=0 the running G of the classifier converges to 1/B Σ (diag p − p pᵀ)."""
+    B, steps = 32, 300
+    base = tiny_data(B, seed=3)
+    x, _ = base.tensors
+    module = TinyModule(lr=0.0, bn=False)
+    with torch.no_grad():
+        p = torch.softmax(module(x), 1)
+    disagree = p.argmin(1)  # labels the model considers least likely
+    ds = torch.utils.data.TensorDataset(x.repeat(steps, 1, 1, 1), disagree.repeat(steps))
+    expected = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+    got = {}
+    for fisher in ("mc", "empirical"):
+        kfac = KFAC(factor_decay=0.99, factor_update_interval=1, inverse_update_interval=1000, fisher=fisher)
+        trainer(tmp_path, max_steps=steps, callbacks=[kfac]).fit(TinyModule(lr=0.0, bn=False), loader(ds, B))
+        got[fisher] = kfac.state_dict()["factors"]["net.3"]["G"]  # the classifier (no BN)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(got["mc"], expected) < 0.1
+    assert rel(got["empirical"], expected) > 1.0
+    e = F.one_hot(disagree, 5).float()
+    emp_expected = ((p - e)[:, :, None] * (p - e)[:, None, :]).mean(0)
+    assert_close(got["empirical"], emp_expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
+    """Two micro-batches of 8 accumulated == one batch of 16 (no BN, so examples don't interact)."""
+    ds = tiny_data(16, dtype=torch.float64)
+    results = []
+    for bs, acc in ((16, 1), (8, 2)):
+        kfac = KFAC(factor_decay=0.0, factor_update_interval=1, inverse_update_interval=1,
+                    fisher="empirical", kl_clip=1e-3)
+        after = StepCapture()
+        t = trainer(tmp_path, precision="64-true", max_steps=1, accumulate_grad_batches=acc,
+                    callbacks=[kfac, after])
+        t.fit(TinyModule(bn=False).double(), loader(ds, bs))
+        results.append((kfac.state_dict()["factors"], after.grads[0]))
+    (f1, g1), (f2, g2) = results
+    for name in f1:
+        assert_close(f1[name]["A"], f2[name]["A"])
+        assert_close(f1[name]["G"], f2[name]["G"])
+    for name in g1:
+        assert_close(g1[name], g2[name])
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    """3 epochs straight == 1 epoch, checkpoint, resume for 2 more (mc sampling, snapshots)."""
+    def make():
+        return KFAC(factor_update_interval=2, inverse_update_interval=4, fisher="mc", damping=0.01)
+    ds = tiny_data(56)  # 7 steps an epoch: factor/decomposition steps straddle the checkpoint
+    torch.manual_seed(7)
+    straight = make()
+    m1 = TinyModule()
+    trainer(tmp_path / "a", max_epochs=3, callbacks=[straight]).fit(m1, loader(ds))
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1)
+    torch.manual_seed(7)
+    first = make()
+    trainer(tmp_path / "b", max_epochs=1, callbacks=[first, ck], enable_checkpointing=True).fit(TinyModule(), loader(ds))
+    ckpt = next((tmp_path / "ck").glob("epoch=0*.ckpt"))
+    state = first.state_dict()
+    assert any("A_decomposed" in f for f in state["factors"].values())  # the snapshot path is exercised
+    torch.manual_seed(99)  # the resumed run must not depend on the global RNG
+    resumed = make()
+    m2 = TinyModule()
+    trainer(tmp_path / "c", max_epochs=3, callbacks=[resumed]).fit(m2, loader(ds), ckpt_path=str(ckpt))
+    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(a, b), n
+    s1, s2 = straight.state_dict(), resumed.state_dict()
+    assert s1["steps"] == s2["steps"] == 21 and s1["seed"] == s2["seed"]
+    for name in s1["factors"]:
+        for k in s1["factors"][name]:
+            assert torch.equal(s1["factors"][name][k], s2["factors"][name][k])
+
+
+def test_bf16_mixed_keeps_float32_factors_close_to_fp32(tmp_path):
+    res = {}
+    for precision in ("32-true", "bf16-mixed"):
+        kfac = KFAC(factor_decay=0.0, factor_update_interval=1, inverse_update_interval=1, fisher="empirical")
+        m = TinyModule(lr=0.0)
+        trainer(tmp_path, precision=precision, max_steps=1, callbacks=[kfac]).fit(m, loader(tiny_data(16)))
+        res[precision] = kfac.state_dict()["factors"]
+        assert all(torch.isfinite(p).all() for p in m.parameters())
+    for name, f in res["bf16-mixed"].items():
+        assert f["A"].dtype == f["G"].dtype == torch.float32
+        for k in ("A", "G"):
+            ref = res["32-true"][name][k]
+            assert ((f[k] - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_skip_leaves_layer_to_plain_optimizer(tmp_path):
+    kfac = KFAC(skip=[r"^net\.4$"], factor_update_interval=1, inverse_update_interval=1)
+    before, after = StepCapture(), StepCapture()
+    trainer(tmp_path, max_steps=2, callbacks=[before, kfac, after]).fit(TinyModule(), loader(tiny_data()))
+    assert set(kfac.state_dict()["factors"]) == {"net.0"}
+    assert torch.equal(before.grads[1]["net.4.weight"], after.grads[1]["net.4.weight"])
+    assert not torch.equal(before.grads[1]["net.0.weight"], after.grads[1]["net.0.weight"])
+
+
+class UnusedLayer(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.spare = nn.Linear(3, 3)  # registered, never called
+
+
+def test_layer_whose_hooks_never_fire_warns_and_stays_plain(tmp_path):
+    kfac = KFAC(factor_update_interval=1, inverse_update_interval=1, fisher="empirical")
+    with pytest.warns(UserWarning, match=r"no statistics for layer\(s\) \['spare'\]"):
+        trainer(tmp_path, max_steps=2, callbacks=[kfac]).fit(UnusedLayer(), loader(tiny_data()))
+    assert "spare" not in kfac.state_dict()["factors"]
+
+
+def test_eigh_failure_keeps_previous_decomposition(tmp_path, monkeypatch):
+    kfac = KFAC(factor_update_interval=1, inverse_update_interval=1)
+    after = StepCapture()
+    calls = {"n": 0}
+    real = km.symmetric_eigen
+
+    def flaky(f):
+        calls["n"] += 1
+        if calls["n"] > 4:  # every decomposition after the first step fails, float64 retry too
+            raise torch.linalg.LinAlgError("injected")
+        return real(f)
+    monkeypatch.setattr(km, "symmetric_eigen", flaky)
+    m = TinyModule()
+    with pytest.warns(UserWarning, match="previous decomposition is kept"):
+        trainer(tmp_path, max_steps=3, callbacks=[kfac, after]).fit(m, loader(tiny_data()))
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert all(torch.isfinite(g).all() for step in after.grads for g in step.values())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(damping=0), "damping must be > 0, got 0"),
+    (dict(damping=-1e-3), "damping must be > 0"),
+    (dict(factor_decay=1.0), r"factor_decay must be in \[0, 1\), got 1.0"),
+    (dict(factor_decay=-0.1), r"factor_decay must be in \[0, 1\)"),
+    (dict(factor_update_interval=0), "factor_update_interval must be an integer >= 1, got 0"),
+    (dict(inverse_update_interval=2.5), "inverse_update_interval must be an integer >= 1, got 2.5"),
+    (dict(conv_location_stride=0), "conv_location_stride must be an integer >= 1"),
+    (dict(kl_clip=0.0), "kl_clip must be > 0 or None, got 0.0"),
+    (dict(fisher="true"), "fisher must be one of 'mc', 'empirical', got 'true'"),
+    (dict(method="cholesky"), "method must be one of 'eigen', 'inverse', got 'cholesky'"),
+    (dict(skip="fc"), "skip must be a sequence of regular expressions, got 'fc'"),
+    (dict(skip=["(unclosed"]), "skip must hold valid regular expressions"),
+    (dict(logits_module=3), "logits_module must be a module name or None, got 3"),
+    (dict(distribute_decompositions="yes"), "distribute_decompositions must be a bool"),
+])
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KFAC(**kwargs)
+
+
+class NoLayers(TinyModule):
+    def __init__(self):
+        super().__init__(net=nn.Sequential(nn.Flatten(), nn.BatchNorm1d(192)))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+
+class Manual(TinyModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def test_setup_errors(tmp_path):
+    with pytest.raises(ValueError, match="KFAC found no supported layer"):
+        trainer(tmp_path, max_steps=1, callbacks=[KFAC()]).fit(NoLayers(), loader(tiny_data()))
+    with pytest.raises(ValueError, match="KFAC needs automatic optimization"):
+        trainer(tmp_path, max_steps=1, callbacks=[KFAC()]).fit(Manual(), loader(tiny_data()))
+    with pytest.raises(ValueError, match="logits_module must name a module of the model, got 'head'"):
+        trainer(tmp_path, max_steps=1, callbacks=[KFAC(logits_module="head")]).fit(TinyModule(), loader(tiny_data()))
+    with pytest.raises(ValueError, match=r"fisher='mc' needs logits of shape \(batch, classes >= 2\)"):
+        trainer(tmp_path, max_steps=1, callbacks=[KFAC(logits_module="net.0")]).fit(TinyModule(), loader(tiny_data()))
+    from lightning.pytorch.strategies import FSDPStrategy
+    from types import SimpleNamespace
+    with pytest.raises(ValueError, match="KFAC does not support the FSDPStrategy strategy"):
+        KFAC().setup(SimpleNamespace(strategy=FSDPStrategy()), TinyModule(), "fit")
+
+
+def test_groups_conv_refused_with_layer_name(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, groups=3), nn.Flatten(), nn.Linear(216, 5))
+    with pytest.raises(ValueError, match=r"K-FAC layer 'net.0': Conv2d with groups=3 is not supported"):
+        trainer(tmp_path, max_steps=1, callbacks=[KFAC()]).fit(TinyModule(net=net), loader(tiny_data()))
+
+
+def test_skipped_grouped_conv_is_fine_and_skipped_classifier_still_gives_logits(tmp_path):
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, groups=3), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(144, 5))
+    kfac = KFAC(skip=[r"^net\.0$", r"^net\.3$"], factor_update_interval=1, fisher="mc")
+    trainer(tmp_path, max_steps=2, callbacks=[kfac]).fit(TinyModule(net=net), loader(tiny_data()))
+    assert set(kfac.state_dict()["factors"]) == {"net.1"}

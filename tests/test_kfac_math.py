@@ -1,0 +1,173 @@
+"""K-FAC math against references built the slow, obvious way (float64, tiny shapes)."""
+import itertools
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from lightning_kfac_swa import distributed as kdist
+from lightning_kfac_swa import kfac_math as km
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def explicit_patches(x, conv):
+    """Patches ā_{n,t} by explicit loops over examples, output locations and kernel taps."""
+    geo = km.conv_geometry(conv)
+    left, right, top, bottom = geo.padding
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode)
+    kh, kw = conv.kernel_size
+    sh, sw = conv.stride
+    dh, dw = conv.dilation
+    out = conv(x)
+    ho, wo = out.shape[2:]
+    rows = []
+    for n in range(x.shape[0]):
+        for i in range(ho):
+            for j in range(wo):
+                patch = [xp[n, c, i * sh + a * dh, j * sw + b * dw]
+                         for c in range(x.shape[1]) for a in range(kh) for b in range(kw)]
+                rows.append(torch.stack(patch))
+    rows = torch.stack(rows)
+    # the reference patches must reproduce the convolution itself (checks the padding split)
+    w = conv.weight.reshape(conv.out_channels, -1)
+    y = rows @ w.T + (0 if conv.bias is None else conv.bias)
+    assert_close(y.reshape(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2), out)
+    return rows, (ho, wo)
+
+
+CONVS = [
+    dict(kernel_size=3, stride=1, padding=1),
+    dict(kernel_size=3, stride=2, padding=1, dilation=1),
+    dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1)),
+    dict(kernel_size=3, padding="same", dilation=2),
+    dict(kernel_size=2, padding="same"),
+    dict(kernel_size=3, padding=1, padding_mode="reflect", bias=False),
+    dict(kernel_size=1, stride=2, bias=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CONVS)
+def test_conv_input_sum_matches_explicit_patches(cfg):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **cfg)
+    x = torch.randn(2, 3, 7, 6)
+    rows, (ho, wo) = explicit_patches(x, conv)
+    if conv.bias is not None:
+        rows = torch.cat([rows, torch.ones(len(rows), 1)], 1)
+    s, count = km.conv_input_sum(x, km.conv_geometry(conv), conv.bias is not None)
+    assert count == 2 * ho * wo
+    assert_close(s, rows.T @ rows)
+
+
+def test_conv_input_sum_chunks_agree(monkeypatch):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.randn(9, 3, 8, 8)
+    whole, _ = km.conv_input_sum(x, km.conv_geometry(conv), True)
+    monkeypatch.setattr(km, "UNFOLD_CHUNK_ELEMENTS", 3 * 3 * 3 * 64 * 2)  # 2 examples a chunk
+    chunked, count = km.conv_input_sum(x, km.conv_geometry(conv), True)
+    assert count == 9 * 64
+    assert_close(chunked, whole)
+
+
+@pytest.mark.parametrize("offset", [(0, 0), (1, 0), (1, 1)])
+def test_location_stride_uses_exactly_the_strided_locations(offset):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, 3, stride=1, padding=1)
+    x = torch.randn(2, 2, 6, 5)
+    rows, (ho, wo) = explicit_patches(x, conv)
+    rows = torch.cat([rows, torch.ones(len(rows), 1)], 1).reshape(2, ho, wo, -1)
+    keep = rows[:, offset[0]::2, offset[1]::2].reshape(-1, rows.shape[-1])
+    s, count = km.conv_input_sum(x, km.conv_geometry(conv), True, 2, offset)
+    assert count == keep.shape[0]
+    assert_close(s, keep.T @ keep)
+    g = torch.randn(2, 3, ho, wo)
+    gs, gcount = km.output_grad_sum(g, 2, offset)
+    gk = g[:, :, offset[0]::2, offset[1]::2].permute(0, 2, 3, 1).reshape(-1, 3)
+    assert_close(gs, gk.T @ gk)
+    assert gcount == pytest.approx(2 * gk.shape[0] / (2 * ho * wo))
+
+
+def test_second_moment_with_bias_column():
+    torch.manual_seed(3)
+    a = torch.randn(7, 4)
+    ab = torch.cat([a, torch.ones(7, 1)], 1)
+    assert_close(km.second_moment_sum(a, True), ab.T @ ab)
+    assert_close(km.second_moment_sum(a, False), a.T @ a)
+
+
+def random_spd(d, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(d, 2 * d, generator=g)
+    return m @ m.T / d
+
+
+def test_precondition_eigen_is_exact_damped_kronecker_inverse():
+    A, G = random_spd(5, 0), random_spd(3, 1)
+    grad = torch.randn(3, 5)
+    lam = 0.03
+    dense = torch.kron(A, G) + lam * torch.eye(15)
+    vec = grad.T.reshape(-1)  # column-stacking vec
+    ref = torch.linalg.solve(dense, vec).reshape(5, 3).T
+    out = km.precondition_eigen(grad, km.symmetric_eigen(A), km.symmetric_eigen(G), lam)
+    assert_close(out, ref)
+
+
+def test_precondition_inverse_matches_factored_tikhonov_formula():
+    A, G = random_spd(4, 2), random_spd(3, 3)
+    grad = torch.randn(3, 4)
+    lam = 0.01
+    pi = ((torch.trace(A) / 4) / (torch.trace(G) / 3)).sqrt()
+    ref = torch.linalg.inv(G + lam ** 0.5 / pi * torch.eye(3)) @ grad @ torch.linalg.inv(
+        A + pi * lam ** 0.5 * torch.eye(4))
+    a_inv, g_inv = km.inverse_pair(A, G, lam)
+    assert_close(km.precondition_inverse(grad, a_inv, g_inv), ref)
+
+
+def test_damped_inverse_raises_on_indefinite_matrix():
+    with pytest.raises(torch.linalg.LinAlgError):
+        km.damped_inverse(-torch.eye(3), 0.1)
+
+
+def test_kl_clip_scale():
+    assert km.kl_clip_scale(torch.tensor(4.0), 1.0).item() == pytest.approx(0.5)
+    assert km.kl_clip_scale(torch.tensor(0.1), 1.0).item() == 1.0
+    assert km.kl_clip_scale(torch.tensor(0.0), 1.0).item() == 1.0
+
+
+def test_running_average_first_update_stores_new():
+    new = torch.randn(3, 3)
+    assert km.running_average(None, new, 0.9) is new
+    old = torch.randn(3, 3)
+    assert_close(km.running_average(old, new, 0.9), 0.9 * old + 0.1 * new)
+
+
+def test_pack_unpack_symmetric_roundtrip_and_size():
+    mats = [random_spd(d, d) for d in (1, 4, 6)]
+    flat = kdist.pack_symmetric(mats)
+    assert flat.numel() == sum(d * (d + 1) // 2 for d in (1, 4, 6))
+    for m, r in zip(mats, kdist.unpack_symmetric(flat, [1, 4, 6])):
+        assert_close(r, m)
+
+
+def test_assign_by_cost_balances_and_is_deterministic():
+    costs = [4609.0 ** 3] * 5 + [512.0 ** 3] * 5 + [64.0 ** 3] * 4
+    owners = kdist.assign_by_cost(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert set(owners) == {0, 1}
+    assert max(loads) / sum(loads) < 0.61  # 3 of the 5 big ones on one rank at worst
+    assert owners == kdist.assign_by_cost(costs, 2)
+    best = min(max(sum(c for c, o in zip(costs, ow) if o == r) for r in range(2))
+               for ow in itertools.product(range(2), repeat=len(costs)))
+    assert max(loads) <= 4 / 3 * best  # the LPT bound
+    with pytest.raises(ValueError, match="world_size must be >= 1"):
+        kdist.assign_by_cost(costs, 0)
