@@ -9,10 +9,12 @@ When things happen (k = optimizer steps taken so far, counted by this callback):
   recorded (every micro-batch of an accumulation window). Otherwise the module hooks only
   check a flag.
 * forward hooks on each Linear/Conv2d add the input statistics ``Σ ā āᵀ`` at once.
-* ``on_before_backward`` (``fisher="mc"``): labels are sampled from the softmax of the
-  logits and ``torch.autograd.grad`` of the sampled loss with respect to the saved layer
-  outputs gives ĝ; no parameter's ``.grad`` is touched and no extra forward is run.
-  ``fisher="empirical"``: tensor hooks on the layer outputs read ĝ from the real backward.
+* the forward hooks also put a tensor hook on each layer output. ``fisher="mc"``: in
+  ``on_before_backward`` labels are sampled from the softmax of the logits and
+  ``torch.autograd.grad`` of the sampled loss (w.r.t. the first layer's weight only) runs
+  the tensor hooks, which read ĝ; no parameter's ``.grad`` is touched, no extra forward is
+  run, DDP's gradient hooks do not fire. ``fisher="empirical"``: the same tensor hooks read ĝ
+  from the real backward.
 * ``on_before_optimizer_step`` (after accumulation and AMP unscaling, before clipping):
   factors are finalised (all-reduced across ranks), decomposed every
   ``inverse_update_interval`` steps, and every layer's gradient is replaced by its
@@ -24,7 +26,7 @@ import math
 import re
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -56,7 +58,6 @@ class _Layer:
     a_count: float = 0.0
     g_sum: Optional[Tensor] = None
     g_count: float = 0.0
-    outputs: list = field(default_factory=list)  # saved outputs for fisher="mc"
 
     def add_a(self, s: Tensor, c: float) -> None:
         self.a_sum = s if self.a_sum is None else self.a_sum.add_(s)
@@ -68,7 +69,6 @@ class _Layer:
 
     def clear_pending(self) -> None:
         self.a_sum, self.g_sum, self.a_count, self.g_count = None, None, 0.0, 0.0
-        self.outputs.clear()
 
 
 class KFAC(Callback):
@@ -173,6 +173,8 @@ class KFAC(Callback):
         self._recording = False
         self._micro = 0  # micro-batch index inside the current accumulation window
         self._logits: Optional[Tensor] = None
+        self._pending: list = []  # (layer, fired flag) of outputs hooked in this micro-batch
+        self._in_mc_pass = False
         self._pending_state: Optional[dict] = None
         self._needs_decomposition = False
         self._warned: set[str] = set()
@@ -243,24 +245,34 @@ class KFAC(Callback):
                 return
             t0 = time.perf_counter()
             offset = self._offset(rec)
-            s, c = rec.helper.input_sum(inputs[0].detach(), rec.dtype, self.conv_location_stride, offset)
+            x = inputs[0].detach()
+            with torch.autocast(x.device.type, enabled=False):  # factors in full precision
+                s, c = rec.helper.input_sum(x, rec.dtype, self.conv_location_stride, offset)
             rec.add_a(s, c)
             if output.requires_grad:
-                if self.fisher == "empirical":
-                    output.register_hook(self._make_grad_hook(rec, offset))
-                else:
-                    rec.outputs.append((output, offset))
+                # Registered now, before any in-place op (e.g. ReLU(inplace=True)) edits the
+                # output, so the hook sees the gradient w.r.t. the layer's own output.
+                fired = [False]
+                output.register_hook(self._make_grad_hook(rec, offset, fired))
+                self._pending.append((rec, fired))
             if self.logits_module is None:
                 self._logits = output
             self._factor_seconds += time.perf_counter() - t0
         return hook
 
-    def _make_grad_hook(self, rec: _Layer, offset):
+    def _make_grad_hook(self, rec: _Layer, offset, fired: list):
         def hook(grad):
+            # mc: only the sampled-loss pass counts, once; empirical: the real backward counts
+            if (self.fisher == "mc") != self._in_mc_pass or fired[0]:
+                return
+            fired[0] = True
             t0 = time.perf_counter()
-            # ĝ = B × ∂(batch-mean loss)/∂output; the 1/accumulate and AMP scale are undone later
-            s, c = rec.helper.grad_sum(grad.detach() * grad.shape[0], rec.dtype,
-                                       self.conv_location_stride, offset)
+            with torch.autocast(grad.device.type, enabled=False):
+                g = grad.detach().to(rec.dtype)
+                if not self._in_mc_pass:
+                    # ĝ = B × ∂(batch-mean loss)/∂output; 1/accumulate and the AMP scale are undone later
+                    g = g * grad.shape[0]
+                s, c = rec.helper.grad_sum(g, rec.dtype, self.conv_location_stride, offset)
             rec.add_g(s, c)
             self._factor_seconds += time.perf_counter() - t0
         return hook
@@ -286,10 +298,7 @@ class KFAC(Callback):
         self._recording = self.steps % self.factor_update_interval == 0
 
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        if not self._recording or self.fisher != "mc":
-            return
-        recs = [r for r in self._layers.values() if r.outputs]
-        if not recs:
+        if not self._recording or self.fisher != "mc" or not self._pending:
             return
         t0 = time.perf_counter()
         logits = self._logits
@@ -306,21 +315,26 @@ class KFAC(Callback):
             labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
         # Sum, not mean: the gradient w.r.t. example n's output is then ĝ_n itself.
         sampled = F.cross_entropy(logits.float(), labels, reduction="sum")
-        outs = [o for r in recs for o, _ in r.outputs]
-        grads = torch.autograd.grad(sampled, outs, retain_graph=True, allow_unused=True)
-        i = 0
-        for r in recs:
-            for _, offset in r.outputs:
-                if grads[i] is not None:
-                    r.add_g(*r.helper.grad_sum(grads[i], r.dtype, self.conv_location_stride, offset))
-                i += 1
-            r.outputs.clear()
+        # Differentiate w.r.t. the weight of the first layer that ran: the backward passes every
+        # layer output downstream of it (their hooks read ĝ) but computes one weight gradient
+        # only and captures no activation-sized gradient. Layers off that path get a second pass.
+        self._in_mc_pass = True
+        try:
+            first = self._pending[0][0].helper.module.weight
+            torch.autograd.grad(sampled, [first], retain_graph=True, allow_unused=True)
+            rest = list({id(r): r.helper.module.weight for r, fired in self._pending if not fired[0]}.values())
+            if rest:
+                torch.autograd.grad(sampled, rest, retain_graph=True, allow_unused=True)
+        finally:
+            self._in_mc_pass = False
+        self._pending.clear()
         self._logits = None
         self._factor_seconds += time.perf_counter() - t0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._recording = False
         self._logits = None
+        self._pending.clear()
         self._micro += 1
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

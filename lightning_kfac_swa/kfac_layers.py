@@ -42,7 +42,7 @@ class LinearHelper:
         if w is None:
             return None
         if not self.has_bias:
-            return w.to(dtype)
+            return w.reshape(self.d_out, -1).to(dtype)
         b = self.module.bias.grad
         b = torch.zeros_like(w[:, 0]) if b is None else b
         return torch.cat([w.reshape(self.d_out, -1), b.unsqueeze(1)], 1).to(dtype)

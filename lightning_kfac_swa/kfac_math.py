@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: Largest number of elements of one unfolded-patch temporary (about 64 MB in float32).
-#: Bigger feature maps are processed in chunks of examples: a multi-GB temporary on every
-#: factor-update step costs more in page faults than the matrix product itself.
-UNFOLD_CHUNK_ELEMENTS = 16 * 1024 * 1024
+#: Largest number of elements of one per-chunk temporary (16 MB in float32). Bigger feature
+#: maps are processed in chunks of examples: glibc serves blocks above its mmap threshold
+#: (at most 32 MB) with fresh pages, so multi-GB temporaries on every factor-update step
+#: cost more in page faults than the matrix products themselves.
+CHUNK_ELEMENTS = 4 * 1024 * 1024
 
 
 def second_moment_sum(rows: Tensor, append_one: bool) -> Tensor:
@@ -50,13 +51,34 @@ def second_moment_sum(rows: Tensor, append_one: bool) -> Tensor:
     n, d = rows.shape
     if not append_one:
         return rows.T @ rows
-    out = rows.new_empty(d + 1, d + 1)
-    out[:d, :d] = rows.T @ rows
-    col = rows.sum(0)
-    out[:d, d] = col
-    out[d, :d] = col
+    return _with_bias_column(rows.T @ rows, rows.sum(0), n)
+
+
+def _with_bias_column(moment: Tensor, col_sum: Tensor, n: float) -> Tensor:
+    """``[[M, s], [sᵀ, n]]``: the second moment of ``[v, 1]`` from that of ``v``."""
+    d = moment.shape[0]
+    out = moment.new_empty(d + 1, d + 1)
+    out[:d, :d] = moment
+    out[:d, d] = col_sum
+    out[d, :d] = col_sum
     out[d, d] = n
     return out
+
+
+def channel_moment_sum(t: Tensor) -> Tensor:
+    """``Σ_{n,t} v_{n,t} v_{n,t}ᵀ`` for ``t (B, K, S)`` holding vectors ``v (K,)`` at S positions.
+
+    Picks the cheaper of two exact layouts: a batched ``(K, S) @ (S, K)`` product when each
+    example has at least K positions (no transpose copy), else one ``(K, B·S) @ (B·S, K)``.
+
+    Returns:
+        ``(K, K)``.
+    """
+    b, k, s = t.shape
+    if s >= k:
+        return torch.bmm(t, t.transpose(1, 2)).sum(0)
+    rows = t.transpose(1, 2).reshape(-1, k)
+    return rows.T @ rows
 
 
 class ConvGeometry(NamedTuple):
@@ -93,13 +115,22 @@ def unfold_patches(x: Tensor, geo: ConvGeometry) -> Tensor:
         geo: the layer's :class:`ConvGeometry`.
 
     Returns:
-        ``(B, S, C*kh*kw)`` with ``S = H_out * W_out``; columns in ``(C, kh, kw)`` order.
+        ``(B, C*kh*kw, S)`` with ``S = H_out * W_out``; rows in ``(C, kh, kw)`` order. A 1×1,
+        stride-1, unpadded convolution returns a view of ``x`` (no copy).
     """
+    left, right, top, bottom = geo.padding
+    if geo.kernel_size == (1, 1) and geo.stride == (1, 1) and not any(geo.padding):
+        return x.reshape(x.shape[0], x.shape[1], -1)
+    if geo.padding_mode == "zeros" and left == right and top == bottom:
+        return F.unfold(x, geo.kernel_size, dilation=geo.dilation, padding=(top, left), stride=geo.stride)
     if any(geo.padding):
         mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
         x = F.pad(x, geo.padding, mode=mode)
-    cols = F.unfold(x, geo.kernel_size, dilation=geo.dilation, stride=geo.stride)
-    return cols.transpose(1, 2)
+    return F.unfold(x, geo.kernel_size, dilation=geo.dilation, stride=geo.stride)
+
+
+def _chunk(b: int, per_example: int) -> int:
+    return max(1, min(b, CHUNK_ELEMENTS // max(per_example, 1)))
 
 
 def conv_input_sum(x: Tensor, geo: ConvGeometry, bias: bool, location_stride: int = 1,
@@ -121,18 +152,26 @@ def conv_input_sum(x: Tensor, geo: ConvGeometry, bias: bool, location_stride: in
     """
     if location_stride > 1:
         x, geo = _subsample_input(x, geo, location_stride, offset)
-    b = x.shape[0]
-    per_example = x[0:1].numel() * geo.kernel_size[0] * geo.kernel_size[1]
-    chunk = max(1, UNFOLD_CHUNK_ELEMENTS // max(per_example, 1))
+    b, c = x.shape[:2]
+    k = c * geo.kernel_size[0] * geo.kernel_size[1]
+    first = unfold_patches(x[:1], geo)
+    s = first.shape[2]
+    chunk = _chunk(b, k * s + (k * k if s >= k else 0))
+    if s < k:  # the (K, N) @ (N, K) product is efficient only with N = chunk·S >= K
+        chunk = min(b, max(chunk, -(-k // s)))
     total: Optional[Tensor] = None
-    count = 0
+    col_sum: Optional[Tensor] = None
     for start in range(0, b, chunk):
-        patches = unfold_patches(x[start:start + chunk], geo)
-        rows = patches.reshape(-1, patches.shape[-1])
-        part = second_moment_sum(rows, bias)
+        cols = unfold_patches(x[start:start + chunk], geo)
+        part = channel_moment_sum(cols)
         total = part if total is None else total.add_(part)
-        count += rows.shape[0]
+        if bias:
+            cs = cols.sum((0, 2))
+            col_sum = cs if col_sum is None else col_sum.add_(cs)
     assert total is not None
+    count = b * s
+    if bias:
+        total = _with_bias_column(total, col_sum, count)
     return total, count
 
 
@@ -167,8 +206,14 @@ def output_grad_sum(g: Tensor, location_stride: int = 1,
     if location_stride > 1:
         g = g[:, :, offset[0]::location_stride, offset[1]::location_stride]
     used = g.shape[2] * g.shape[3]
-    rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-    return rows.T @ rows, b * used / full
+    c = g.shape[1]
+    chunk = _chunk(b, c * used + (c * c if used >= c else 0))
+    total: Optional[Tensor] = None
+    for start in range(0, b, chunk):
+        part = channel_moment_sum(g[start:start + chunk].reshape(-1, c, used))
+        total = part if total is None else total.add_(part)
+    assert total is not None
+    return total, b * used / full
 
 
 class Eigen(NamedTuple):

@@ -297,3 +297,45 @@ def test_skipped_grouped_conv_is_fine_and_skipped_classifier_still_gives_logits(
     kfac = KFAC(skip=[r"^net\.0$", r"^net\.3$"], factor_update_interval=1, fisher="mc")
     trainer(tmp_path, max_steps=2, callbacks=[kfac]).fit(TinyModule(net=net), loader(tiny_data()))
     assert set(kfac.state_dict()["factors"]) == {"net.1"}
+
+
+def mlp(inplace):
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 5))
+
+
+@pytest.mark.parametrize("fisher", ["mc", "empirical"])
+def test_inplace_activation_after_a_layer_does_not_change_its_factors(fisher, tmp_path):
+    """The output hook must see ∂/∂(layer output), not ∂/∂(ReLU output written over it)."""
+    got = []
+    for inplace in (False, True):
+        kfac = KFAC(factor_decay=0.0, factor_update_interval=1, fisher=fisher)
+        torch.manual_seed(5)
+        trainer(tmp_path, max_steps=1, callbacks=[kfac]).fit(TinyModule(net=mlp(inplace)), loader(tiny_data()))
+        got.append(kfac.state_dict()["factors"])
+    for name in got[0]:
+        assert_close(got[0][name]["G"], got[1][name]["G"])
+
+
+class TwoBranch(nn.Module):
+    """The first layer to run (``side``) is not upstream of ``conv``: its MC pass misses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.side = nn.Linear(192, 4)
+        self.conv = nn.Conv2d(3, 2, 3, stride=2, padding=1)
+        self.head = nn.Linear(4 + 32, 5)
+
+    def forward(self, x):
+        a = self.side(x.flatten(1))
+        b = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.cat([torch.relu(a), b], 1))
+
+
+def test_mc_reaches_layers_off_the_first_layers_path(tmp_path, recwarn):
+    kfac = KFAC(factor_update_interval=1, fisher="mc")
+    trainer(tmp_path, max_steps=2, callbacks=[kfac]).fit(TinyModule(net=TwoBranch()), loader(tiny_data()))
+    factors = kfac.state_dict()["factors"]
+    assert set(factors) == {"net.side", "net.conv", "net.head"}
+    assert not [w for w in recwarn if "no statistics" in str(w.message)]
+    for f in factors.values():
+        assert torch.linalg.eigvalsh(f["G"]).min() > -1e-6 and f["G"].trace() > 0

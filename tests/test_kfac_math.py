@@ -73,7 +73,7 @@ def test_conv_input_sum_chunks_agree(monkeypatch):
     conv = nn.Conv2d(3, 5, 3, padding=1)
     x = torch.randn(9, 3, 8, 8)
     whole, _ = km.conv_input_sum(x, km.conv_geometry(conv), True)
-    monkeypatch.setattr(km, "UNFOLD_CHUNK_ELEMENTS", 3 * 3 * 3 * 64 * 2)  # 2 examples a chunk
+    monkeypatch.setattr(km, "CHUNK_ELEMENTS", 2 * (27 * 64 + 27 * 27))  # 2 examples a chunk
     chunked, count = km.conv_input_sum(x, km.conv_geometry(conv), True)
     assert count == 9 * 64
     assert_close(chunked, whole)
@@ -171,3 +171,23 @@ def test_assign_by_cost_balances_and_is_deterministic():
     assert max(loads) <= 4 / 3 * best  # the LPT bound
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         kdist.assign_by_cost(costs, 0)
+
+
+@pytest.mark.parametrize("module", [nn.Linear(4, 3), nn.Linear(4, 3, bias=False),
+                                    nn.Conv2d(2, 3, 3), nn.Conv2d(2, 3, 2, bias=False)])
+def test_helper_gradient_matrix_layout_and_roundtrip(module):
+    from lightning_kfac_swa.kfac_layers import make_helper
+    module = module.double()
+    helper = make_helper("layer", module)
+    module.weight.grad = torch.randn_like(module.weight)
+    if module.bias is not None:
+        module.bias.grad = torch.randn_like(module.bias)
+    mat = helper.grad_matrix(torch.float64)
+    assert mat.shape == (helper.d_out, helper.d_in)
+    expected = module.weight.grad.reshape(helper.d_out, -1)
+    if module.bias is not None:
+        expected = torch.cat([expected, module.bias.grad[:, None]], 1)
+    assert_close(mat, expected)
+    new = torch.randn_like(mat)
+    helper.set_grad(new)
+    assert_close(helper.grad_matrix(torch.float64), new)
