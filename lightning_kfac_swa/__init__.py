@@ -1,6 +1,6 @@
 """K-FAC preconditioning and Stochastic Weight Averaging for PyTorch Lightning.
 
-Architecture (imports flow downwards only):
+Architecture (imports flow one way, from the top of this list to the bottom):
 
 * ``kfac_math``, ``kfac_layers``, ``averaging``, ``schedules``, ``distributed``: pure
   torch functions and small helpers, no Lightning.
@@ -9,6 +9,8 @@ Architecture (imports flow downwards only):
   LightningModule, command line and benchmark.
 """
 from lightning_kfac_swa.kfac import KFAC
+from lightning_kfac_swa.schedules import HoldDecayLR
+from lightning_kfac_swa.swa import SWA
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "SWA", "HoldDecayLR"]
 __version__ = "0.1.0"
