@@ -100,9 +100,10 @@ class KFAC(Callback):
             (``fisher="mc"``). None: the output of the last ``nn.Linear``/``nn.Conv2d``
             (skipped or not) that ran in the forward pass, i.e. the classifier of a usual
             network; an error says so when that output is not ``(batch, classes)``.
-        conv_location_stride: s >= 1. Factor statistics of a Conv2d use only every s-th
-            output row and column (a random offset each step): about 1/s² of the cost of the
-            statistics, unbiased, noisier. 1 (default) uses every location.
+        conv_locations: m >= 1, or None. Factor statistics of a Conv2d use only m of each
+            example's output locations, drawn at random per example and step: an unbiased
+            estimate at about m/S of the cost of the statistics on maps of S > m locations.
+            None (default) uses every location.
         distribute_decompositions: under DDP, spread the decompositions across ranks by
             cost and share the results (each of N ranks does about 1/N of the work; one
             extra all-reduce per decomposition step). False: every rank computes all of them.
@@ -122,7 +123,7 @@ class KFAC(Callback):
         method: Literal["eigen", "inverse"] = "eigen",
         skip: Sequence[str] = (),
         logits_module: Optional[str] = None,
-        conv_location_stride: int = 1,
+        conv_locations: Optional[int] = None,
         distribute_decompositions: bool = True,
     ) -> None:
         super().__init__()
@@ -132,10 +133,12 @@ class KFAC(Callback):
                 or not 0 <= factor_decay < 1:
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
         for arg, val in (("factor_update_interval", factor_update_interval),
-                         ("inverse_update_interval", inverse_update_interval),
-                         ("conv_location_stride", conv_location_stride)):
+                         ("inverse_update_interval", inverse_update_interval)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{arg} must be an integer >= 1, got {val!r}")
+        if conv_locations is not None and (isinstance(conv_locations, bool) or not isinstance(conv_locations, int)
+                                           or conv_locations < 1):
+            raise ValueError(f"conv_locations must be an integer >= 1 or None, got {conv_locations!r}")
         if kl_clip is not None and (isinstance(kl_clip, bool) or not isinstance(kl_clip, (int, float))
                                     or not kl_clip > 0):
             raise ValueError(f"kl_clip must be > 0 or None, got {kl_clip!r}")
@@ -163,7 +166,7 @@ class KFAC(Callback):
         self.method = method
         self.skip = tuple(skip)
         self.logits_module = logits_module
-        self.conv_location_stride = conv_location_stride
+        self.conv_locations = conv_locations
         self.distribute_decompositions = distribute_decompositions
 
         self.steps = 0  # optimizer steps taken with this callback
@@ -244,23 +247,22 @@ class KFAC(Callback):
             if not self._recording or not torch.is_grad_enabled():
                 return
             t0 = time.perf_counter()
-            offset = self._offset(rec)
             x = inputs[0].detach()
             with torch.autocast(x.device.type, enabled=False):  # factors in full precision
-                s, c = rec.helper.input_sum(x, rec.dtype, self.conv_location_stride, offset)
+                s, c = rec.helper.input_sum(x, rec.dtype, self.conv_locations, self._generator(rec, 0))
             rec.add_a(s, c)
             if output.requires_grad:
                 # Registered now, before any in-place op (e.g. ReLU(inplace=True)) edits the
                 # output, so the hook sees the gradient w.r.t. the layer's own output.
                 fired = [False]
-                output.register_hook(self._make_grad_hook(rec, offset, fired))
+                output.register_hook(self._make_grad_hook(rec, fired))
                 self._pending.append((rec, fired))
             if self.logits_module is None:
                 self._logits = output
             self._factor_seconds += time.perf_counter() - t0
         return hook
 
-    def _make_grad_hook(self, rec: _Layer, offset, fired: list):
+    def _make_grad_hook(self, rec: _Layer, fired: list):
         def hook(grad):
             # mc: only the sampled-loss pass counts, once; empirical: the real backward counts
             if (self.fisher == "mc") != self._in_mc_pass or fired[0]:
@@ -272,7 +274,7 @@ class KFAC(Callback):
                 if not self._in_mc_pass:
                     # ĝ = B × ∂(batch-mean loss)/∂output; 1/accumulate and the AMP scale are undone later
                     g = g * grad.shape[0]
-                s, c = rec.helper.grad_sum(g, rec.dtype, self.conv_location_stride, offset)
+                s, c = rec.helper.grad_sum(g, rec.dtype, self.conv_locations, self._generator(rec, 1))
             rec.add_g(s, c)
             self._factor_seconds += time.perf_counter() - t0
         return hook
@@ -281,13 +283,11 @@ class KFAC(Callback):
         if self._recording and torch.is_grad_enabled():
             self._logits = output
 
-    def _offset(self, rec: _Layer) -> tuple[int, int]:
-        s = self.conv_location_stride
-        if s == 1:
-            return (0, 0)
-        g = torch.Generator().manual_seed(self._mix(zlib.crc32(rec.helper.name.encode())))
-        o = torch.randint(0, s, (2,), generator=g)
-        return int(o[0]), int(o[1])
+    def _generator(self, rec: _Layer, which: int) -> Optional[torch.Generator]:
+        """Seeded source of conv location subsets (A: which=0, G: 1); None when all are used."""
+        if self.conv_locations is None:
+            return None
+        return torch.Generator().manual_seed(self._mix(2 * zlib.crc32(rec.helper.name.encode()) + which))
 
     def _mix(self, salt: int = 0) -> int:
         rank = kdist.world()[0]

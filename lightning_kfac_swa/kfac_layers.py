@@ -24,14 +24,14 @@ class LinearHelper:
         self.d_in = module.in_features + int(self.has_bias)
         self.d_out = module.out_features
 
-    def input_sum(self, x: Tensor, dtype: torch.dtype, location_stride: int,
-                  offset: tuple[int, int]) -> tuple[Tensor, float]:
+    def input_sum(self, x: Tensor, dtype: torch.dtype, locations: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None) -> tuple[Tensor, float]:
         """``(Σ ā āᵀ (d_in, d_in), count)`` for an input ``(..., in_features)``."""
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
         return km.second_moment_sum(rows, self.has_bias), float(rows.shape[0])
 
-    def grad_sum(self, g: Tensor, dtype: torch.dtype, location_stride: int,
-                 offset: tuple[int, int]) -> tuple[Tensor, float]:
+    def grad_sum(self, g: Tensor, dtype: torch.dtype, locations: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> tuple[Tensor, float]:
         """``(Σ ĝ ĝᵀ (d_out, d_out), count)`` for per-example output gradients ``(..., out)``."""
         rows = g.reshape(-1, g.shape[-1]).to(dtype)
         return km.output_grad_sum(rows)
@@ -72,13 +72,13 @@ class Conv2dHelper(LinearHelper):
         self.d_in = module.in_channels * kh * kw + int(self.has_bias)
         self.d_out = module.out_channels
 
-    def input_sum(self, x, dtype, location_stride, offset):
+    def input_sum(self, x, dtype, locations=None, generator=None):
         """``(Σ_{n,t} ā āᵀ (d_in, d_in), count = example-locations)`` for ``x (B, C, H, W)``."""
-        return km.conv_input_sum(x.to(dtype), self.geometry, self.has_bias, location_stride, offset)
+        return km.conv_input_sum(x.to(dtype), self.geometry, self.has_bias, locations, generator)
 
-    def grad_sum(self, g, dtype, location_stride, offset):
+    def grad_sum(self, g, dtype, locations=None, generator=None):
         """``(Σ_{n,t} ĝ ĝᵀ (d_out, d_out), count = examples)`` for ``g (B, out, H, W)``."""
-        return km.output_grad_sum(g.to(dtype), location_stride, offset)
+        return km.output_grad_sum(g.to(dtype), locations, generator)
 
 
 SUPPORTED = (nn.Conv2d, nn.Linear)

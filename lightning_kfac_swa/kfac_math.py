@@ -133,87 +133,97 @@ def _chunk(b: int, per_example: int) -> int:
     return max(1, min(b, CHUNK_ELEMENTS // max(per_example, 1)))
 
 
-def conv_input_sum(x: Tensor, geo: ConvGeometry, bias: bool, location_stride: int = 1,
-                   offset: tuple[int, int] = (0, 0)) -> tuple[Tensor, int]:
+def location_subset(batch: int, locations: int, keep: Optional[int],
+                    generator: Optional[torch.Generator]) -> Optional[Tensor]:
+    """Per-example random subsets of output locations for estimated conv statistics.
+
+    Returns:
+        ``(batch, keep)`` indices into ``[0, locations)``, each row ``keep`` distinct locations
+        drawn uniformly for that example; None when ``keep`` is None or ``>= locations``
+        (use them all).
+    """
+    if keep is None or keep >= locations:
+        return None
+    return torch.rand(batch, locations, generator=generator).argsort(dim=1)[:, :keep]
+
+
+def _take(t: Tensor, idx: Optional[Tensor]) -> Tensor:
+    """``t (b, K, S)`` restricted to the locations ``idx (b, m)`` of each example: ``(b, K, m)``."""
+    if idx is None:
+        return t
+    idx = idx.to(t.device)
+    return t.gather(2, idx[:, None, :].expand(-1, t.shape[1], -1))
+
+
+def conv_input_sum(x: Tensor, geo: ConvGeometry, bias: bool, locations: Optional[int] = None,
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, int]:
     """``Σ_{n,t} ā_{n,t} ā_{n,t}ᵀ`` over examples n and output locations t, and the count.
 
-    With ``location_stride`` s > 1 only every s-th output row and column (starting at
-    ``offset``) is used: an unbiased estimate with about 1/s² of the cost.
+    With ``locations`` = m, each example contributes only m of its S output locations,
+    drawn at random (:func:`location_subset`): an unbiased estimate of the mean at about
+    m/S of the cost of the products.
 
     Args:
         x: layer input ``(B, C, H, W)``.
         geo: the layer's :class:`ConvGeometry`.
         bias: append the constant 1 of the bias.
-        location_stride: use every s-th output location along each spatial axis.
-        offset: first output row/column used, each in ``[0, location_stride)``.
+        locations: output locations used per example (None: all).
+        generator: random source of the location subsets.
 
     Returns:
         ``(sum (d, d), count)`` with ``d = C*kh*kw (+1)`` and count = rows summed.
     """
-    if location_stride > 1:
-        x, geo = _subsample_input(x, geo, location_stride, offset)
     b, c = x.shape[:2]
     k = c * geo.kernel_size[0] * geo.kernel_size[1]
-    first = unfold_patches(x[:1], geo)
-    s = first.shape[2]
-    chunk = _chunk(b, k * s + (k * k if s >= k else 0))
-    if s < k:  # the (K, N) @ (N, K) product is efficient only with N = chunk·S >= K
-        chunk = min(b, max(chunk, -(-k // s)))
+    s = unfold_patches(x[:1], geo).shape[2]
+    idx = location_subset(b, s, locations, generator)
+    m = s if idx is None else idx.shape[1]
+    chunk = _chunk(b, k * s + (k * k if m >= k else 0))
+    if m < k:  # the (K, N) @ (N, K) product is efficient only with N = chunk·m >= K
+        chunk = min(b, max(chunk, -(-k // m)))
     total: Optional[Tensor] = None
     col_sum: Optional[Tensor] = None
     for start in range(0, b, chunk):
-        cols = unfold_patches(x[start:start + chunk], geo)
+        cols = _take(unfold_patches(x[start:start + chunk], geo), None if idx is None else idx[start:start + chunk])
         part = channel_moment_sum(cols)
         total = part if total is None else total.add_(part)
         if bias:
             cs = cols.sum((0, 2))
             col_sum = cs if col_sum is None else col_sum.add_(cs)
     assert total is not None
-    count = b * s
+    count = b * m
     if bias:
         total = _with_bias_column(total, col_sum, count)
     return total, count
 
 
-def _subsample_input(x: Tensor, geo: ConvGeometry, s: int, offset: tuple[int, int]):
-    """Rewrite (x, geo) so that unfolding yields only every s-th output location."""
-    if any(geo.padding):
-        mode = "constant" if geo.padding_mode == "zeros" else geo.padding_mode
-        x = F.pad(x, geo.padding, mode=mode)
-    sh, sw = geo.stride
-    oh, ow = offset
-    x = x[:, :, oh * sh:, ow * sw:]
-    return x, geo._replace(stride=(sh * s, sw * s), padding=(0, 0, 0, 0))
-
-
-def output_grad_sum(g: Tensor, location_stride: int = 1,
-                    offset: tuple[int, int] = (0, 0)) -> tuple[Tensor, float]:
+def output_grad_sum(g: Tensor, locations: Optional[int] = None,
+                    generator: Optional[torch.Generator] = None) -> tuple[Tensor, float]:
     """``Σ_n Σ_t ĝ_{n,t} ĝ_{n,t}ᵀ`` and the count of examples it stands for.
 
     Args:
         g: per-example output gradients ĝ, ``(B, d_out)`` for Linear or
             ``(B, d_out, H, W)`` for Conv2d.
-        location_stride, offset: as in :func:`conv_input_sum`; the sum over the used
-            locations is scaled up to all S locations (``count`` shrinks instead).
+        locations, generator: as in :func:`conv_input_sum`; the sum over the m used
+            locations stands for all S (``count`` = B·m/S instead of B).
 
     Returns:
-        ``(sum (d_out, d_out), count)``, count = B (times used/all locations when strided).
+        ``(sum (d_out, d_out), count)``.
     """
     b = g.shape[0]
     if g.dim() == 2:
         return g.T @ g, float(b)
-    full = g.shape[2] * g.shape[3]
-    if location_stride > 1:
-        g = g[:, :, offset[0]::location_stride, offset[1]::location_stride]
-    used = g.shape[2] * g.shape[3]
-    c = g.shape[1]
-    chunk = _chunk(b, c * used + (c * c if used >= c else 0))
+    c, s = g.shape[1], g.shape[2] * g.shape[3]
+    g = g.reshape(b, c, s)
+    idx = location_subset(b, s, locations, generator)
+    m = s if idx is None else idx.shape[1]
+    chunk = _chunk(b, c * s + (c * c if m >= c else 0))
     total: Optional[Tensor] = None
     for start in range(0, b, chunk):
-        part = channel_moment_sum(g[start:start + chunk].reshape(-1, c, used))
+        part = channel_moment_sum(_take(g[start:start + chunk], None if idx is None else idx[start:start + chunk]))
         total = part if total is None else total.add_(part)
     assert total is not None
-    return total, b * used / full
+    return total, b * m / s
 
 
 class Eigen(NamedTuple):

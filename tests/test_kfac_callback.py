@@ -243,7 +243,7 @@ def test_eigh_failure_keeps_previous_decomposition(tmp_path, monkeypatch):
     (dict(factor_decay=-0.1), r"factor_decay must be in \[0, 1\)"),
     (dict(factor_update_interval=0), "factor_update_interval must be an integer >= 1, got 0"),
     (dict(inverse_update_interval=2.5), "inverse_update_interval must be an integer >= 1, got 2.5"),
-    (dict(conv_location_stride=0), "conv_location_stride must be an integer >= 1"),
+    (dict(conv_locations=0), "conv_locations must be an integer >= 1 or None, got 0"),
     (dict(kl_clip=0.0), "kl_clip must be > 0 or None, got 0.0"),
     (dict(fisher="true"), "fisher must be one of 'mc', 'empirical', got 'true'"),
     (dict(method="cholesky"), "method must be one of 'eigen', 'inverse', got 'cholesky'"),
@@ -339,3 +339,31 @@ def test_mc_reaches_layers_off_the_first_layers_path(tmp_path, recwarn):
     assert not [w for w in recwarn if "no statistics" in str(w.message)]
     for f in factors.values():
         assert torch.linalg.eigvalsh(f["G"]).min() > -1e-6 and f["G"].trace() > 0
+
+
+def test_conv_locations_estimate_is_reproducible_and_resumes(tmp_path):
+    """Subsampled statistics are drawn from the run's seed: two runs agree exactly."""
+    got = []
+    for run in range(2):
+        kfac = KFAC(factor_update_interval=1, conv_locations=3)
+        torch.manual_seed(run)  # the global RNG must not matter, only the base seed
+        kfac.seed = 11
+        trainer(tmp_path, max_steps=3, callbacks=[kfac]).fit(TinyModule(), loader(tiny_data()))
+        got.append(kfac.state_dict()["factors"]["net.0"])
+    assert torch.equal(got[0]["A"], got[1]["A"]) and torch.equal(got[0]["G"], got[1]["G"])
+
+
+def test_16_mixed_divides_out_the_loss_scale(tmp_path):
+    """With a GradScaler (scale 2**12) the empirical factors match a 32-true run."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    res = {}
+    for name in ("32-true", "16-mixed"):
+        kfac = KFAC(factor_decay=0.0, factor_update_interval=1, fisher="empirical")
+        kw = {"precision": "32-true"} if name == "32-true" else {"plugins": [MixedPrecision(
+            "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 12))]}
+        trainer(tmp_path, max_steps=1, callbacks=[kfac], **kw).fit(TinyModule(lr=0.0), loader(tiny_data(16)))
+        res[name] = kfac.state_dict()["factors"]
+    for layer, f in res["16-mixed"].items():
+        ref = res["32-true"][layer]["G"]
+        assert f["G"].dtype == torch.float32
+        assert ((f["G"] - ref).norm() / ref.norm()).item() < 0.02  # fp16 forward/backward rounding

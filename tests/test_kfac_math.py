@@ -79,22 +79,42 @@ def test_conv_input_sum_chunks_agree(monkeypatch):
     assert_close(chunked, whole)
 
 
-@pytest.mark.parametrize("offset", [(0, 0), (1, 0), (1, 1)])
-def test_location_stride_uses_exactly_the_strided_locations(offset):
+@pytest.mark.parametrize("keep", [1, 5, 100])
+def test_location_subsets_use_exactly_the_drawn_locations(keep):
     torch.manual_seed(2)
     conv = nn.Conv2d(2, 3, 3, stride=1, padding=1)
-    x = torch.randn(2, 2, 6, 5)
+    x = torch.randn(3, 2, 6, 5)
     rows, (ho, wo) = explicit_patches(x, conv)
-    rows = torch.cat([rows, torch.ones(len(rows), 1)], 1).reshape(2, ho, wo, -1)
-    keep = rows[:, offset[0]::2, offset[1]::2].reshape(-1, rows.shape[-1])
-    s, count = km.conv_input_sum(x, km.conv_geometry(conv), True, 2, offset)
-    assert count == keep.shape[0]
-    assert_close(s, keep.T @ keep)
-    g = torch.randn(2, 3, ho, wo)
-    gs, gcount = km.output_grad_sum(g, 2, offset)
-    gk = g[:, :, offset[0]::2, offset[1]::2].permute(0, 2, 3, 1).reshape(-1, 3)
+    rows = torch.cat([rows, torch.ones(len(rows), 1)], 1).reshape(3, ho * wo, -1)
+    idx = km.location_subset(3, ho * wo, keep, torch.Generator().manual_seed(7))
+    if keep >= ho * wo:
+        assert idx is None
+        idx = torch.arange(ho * wo).expand(3, -1)
+    else:  # distinct locations, drawn separately for each example
+        assert idx.shape == (3, keep) and all(len(set(r.tolist())) == keep for r in idx)
+        assert not torch.equal(idx[0], idx[1])
+    chosen = torch.cat([rows[n, idx[n]] for n in range(3)])
+    s, count = km.conv_input_sum(x, km.conv_geometry(conv), True, keep, torch.Generator().manual_seed(7))
+    assert count == chosen.shape[0]
+    assert_close(s, chosen.T @ chosen)
+    g = torch.randn(3, 3, ho, wo)
+    gs, gcount = km.output_grad_sum(g, keep, torch.Generator().manual_seed(7))
+    gflat = g.reshape(3, 3, -1)
+    gk = torch.cat([gflat[n][:, idx[n]].T for n in range(3)])
     assert_close(gs, gk.T @ gk)
-    assert gcount == pytest.approx(2 * gk.shape[0] / (2 * ho * wo))
+    assert gcount == pytest.approx(3 * idx.shape[1] / (ho * wo))
+
+
+def test_location_subsets_are_unbiased():
+    """The mean over many random subsets converges to the all-locations statistics."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    x = torch.randn(4, 2, 5, 5)
+    geo = km.conv_geometry(conv)
+    full, n_full = km.conv_input_sum(x, geo, True)
+    gen = torch.Generator().manual_seed(0)
+    est = sum(km.conv_input_sum(x, geo, True, 3, gen)[0] / 12 for _ in range(4000)) / 4000
+    assert_close(est, full / n_full, rtol=0.03, atol=0.02)  # Monte Carlo tolerance
 
 
 def test_second_moment_with_bias_column():
