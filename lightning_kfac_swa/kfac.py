@@ -491,11 +491,13 @@ class KFAC(Callback):
             shapes.append(d)
         common = parts[0].dtype if len({p.dtype for p in parts}) == 1 else torch.float64
         flat = kdist.all_reduce_sum_(torch.cat([p.to(common) for p in parts]))
+        sizes = [d * d + d if self.method == "eigen" else d * d for d in shapes]
+        ends = torch.tensor(sizes).add(1).cumsum(0) - 1  # position of each task's ok flag
+        oks = (flat[ends.to(flat.device)] > 0.5).tolist()  # one host sync for all tasks
         out, pos = [], 0
         for k, d in enumerate(shapes):
-            r = tasks[k][0]
-            n = d * d + d if self.method == "eigen" else d * d
-            body, ok = flat[pos:pos + n].to(r.dtype), flat[pos + n].item() > 0.5
+            r, n, ok = tasks[k][0], sizes[k], oks[k]
+            body = flat[pos:pos + n].to(r.dtype)
             pos += n + 1
             if not ok:
                 out.append(None)
