@@ -3,7 +3,6 @@ import glob
 import os
 
 import pytest
-import torch
 import yaml
 
 from lightning_kfac_swa.cli import KfacSwaCLI, main
