@@ -371,7 +371,7 @@ class KFAC(Callback):
         if world > 1:
             self._all_reduce_sums([r for _, r in recs])
         sums = [t for _, r in recs for t in (r.a_sum, r.g_sum) if t is not None]
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in sums]).all()) if sums else True
+        finite = km.all_finite(sums)
         missing = []
         for name, r in recs:
             if r.a_sum is None or r.g_sum is None or r.a_count == 0 or r.g_count == 0:
@@ -379,8 +379,8 @@ class KFAC(Callback):
             elif finite:
                 if r.A is None and self.steps % self.inverse_update_interval != 0:
                     self._needs_decomposition = True  # first factors: decompose now, not in 100 steps
-                new_a = r.a_sum / r.a_count
-                new_g = r.g_sum * (g_scale / r.g_count)
+                new_a = r.a_sum.div_(r.a_count)  # in place: the pending sums are ours, dropped below
+                new_g = r.g_sum.mul_(g_scale / r.g_count)
                 r.A = km.running_average(r.A, new_a, self.factor_decay)
                 r.G = km.running_average(r.G, new_g, self.factor_decay)
             r.clear_pending()
@@ -526,7 +526,7 @@ class KFAC(Callback):
                 pg = km.precondition_inverse(grad, dec[0], dec[1])
             if self.kl_clip is not None:
                 lr = float(lr_of[id(w)])
-                term = (pg * grad).sum() * (lr * lr)
+                term = torch.vdot(pg.reshape(-1), grad.reshape(-1)) * (lr * lr)
                 vg = term if vg is None else vg + term.to(vg.device)
             updates.append((r, pg))
         nu = None
@@ -534,7 +534,7 @@ class KFAC(Callback):
             nu = km.kl_clip_scale(vg, self.kl_clip)
         for r, pg in updates:
             if nu is not None:
-                pg = pg * nu.to(pg.device, pg.dtype)
+                pg = pg.mul_(nu.to(pg.device, pg.dtype))
             r.helper.set_grad(pg)
         return nu
 
@@ -598,5 +598,4 @@ class KFAC(Callback):
 
 
 def _all_finite(out) -> bool:
-    tensors = out if isinstance(out, tuple) else (out,)
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return km.all_finite(list(out) if isinstance(out, tuple) else [out])

@@ -44,6 +44,14 @@ def explicit_patches(x, conv):
     return rows, (ho, wo)
 
 
+def reference_input_sum(x, conv):
+    """``(Σ ā āᵀ, rows)`` from the explicit patches, with the bias's 1 appended when there is one."""
+    rows, _ = explicit_patches(x, conv)
+    if conv.bias is not None:
+        rows = torch.cat([rows, torch.ones(len(rows), 1)], 1)
+    return rows.T @ rows, len(rows)
+
+
 CONVS = [
     dict(kernel_size=3, stride=1, padding=1),
     dict(kernel_size=3, stride=2, padding=1, dilation=1),
@@ -60,23 +68,54 @@ def test_conv_input_sum_matches_explicit_patches(cfg):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, **cfg)
     x = torch.randn(2, 3, 7, 6)
-    rows, (ho, wo) = explicit_patches(x, conv)
-    if conv.bias is not None:
-        rows = torch.cat([rows, torch.ones(len(rows), 1)], 1)
+    ref, rows = reference_input_sum(x, conv)
     s, count = km.conv_input_sum(x, km.conv_geometry(conv), conv.bias is not None)
-    assert count == 2 * ho * wo
-    assert_close(s, rows.T @ rows)
+    assert count == rows
+    assert_close(s, ref)
 
 
-def test_conv_input_sum_chunks_agree(monkeypatch):
+@pytest.mark.parametrize("stride, per_example", [(1, 3 * 64), (2, 27 * 16 + 27 * 27)])
+def test_conv_input_sum_chunks_agree(monkeypatch, stride, per_example):
+    """Both routes (shifted products for stride 1, unfolded patches otherwise) in chunks of a few examples."""
     torch.manual_seed(1)
-    conv = nn.Conv2d(3, 5, 3, padding=1)
+    conv = nn.Conv2d(3, 5, 3, padding=1, stride=stride)
     x = torch.randn(9, 3, 8, 8)
-    whole, _ = km.conv_input_sum(x, km.conv_geometry(conv), True)
-    monkeypatch.setattr(km, "CHUNK_ELEMENTS", 2 * (27 * 64 + 27 * 27))  # 2 examples a chunk
+    ref, rows = reference_input_sum(x, conv)
+    monkeypatch.setattr(km, "CHUNK_ELEMENTS", 2 * per_example)
     chunked, count = km.conv_input_sum(x, km.conv_geometry(conv), True)
-    assert count == 9 * 64
-    assert_close(chunked, whole)
+    assert count == rows
+    assert_close(chunked, ref)
+
+
+SHIFTED = [  # stride-1 geometries, including maps smaller than the kernel's reach
+    (dict(kernel_size=3, padding=1), (2, 2)),
+    (dict(kernel_size=3, padding=1), (1, 4)),
+    (dict(kernel_size=5, padding=2), (4, 3)),
+    (dict(kernel_size=3, padding=0), (5, 4)),
+    (dict(kernel_size=(1, 3), padding=(0, 1)), (3, 5)),
+    (dict(kernel_size=(3, 2), padding=(2, 0), dilation=(2, 1)), (5, 4)),
+    (dict(kernel_size=2, padding="same", dilation=2), (4, 5)),
+    (dict(kernel_size=3, padding=1, padding_mode="circular"), (4, 4)),
+    (dict(kernel_size=3, padding=2, padding_mode="replicate", bias=False), (3, 4)),
+]
+
+
+@pytest.mark.parametrize("cfg, hw", SHIFTED)
+def test_shifted_input_sum_matches_explicit_patches(cfg, hw):
+    torch.manual_seed(4)
+    conv = nn.Conv2d(2, 3, **cfg)
+    x = torch.randn(3, 2, *hw)
+    ref, rows = reference_input_sum(x, conv)
+    s, count = km.shifted_input_sum(x, km.conv_geometry(conv), conv.bias is not None)
+    assert count == rows
+    assert_close(s, ref)
+    assert torch.equal(s, s.T)  # every block written once, its mirror as the exact transpose
+
+
+def test_shifted_input_sum_refuses_strides():
+    conv = nn.Conv2d(2, 3, 3, stride=2)
+    with pytest.raises(ValueError, match=r"stride \(1, 1\)"):
+        km.shifted_input_sum(torch.randn(1, 2, 5, 5), km.conv_geometry(conv), True)
 
 
 @pytest.mark.parametrize("keep", [1, 5, 100])
@@ -168,7 +207,23 @@ def test_running_average_first_update_stores_new():
     new = torch.randn(3, 3)
     assert km.running_average(None, new, 0.9) is new
     old = torch.randn(3, 3)
-    assert_close(km.running_average(old, new, 0.9), 0.9 * old + 0.1 * new)
+    old_copy, expected = old.clone(), 0.9 * old + 0.1 * new
+    out = km.running_average(old, new, 0.9)
+    assert_close(out, expected)
+    assert torch.equal(old, old_copy)  # the running factor may still source a decomposition
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_all_finite_finds_any_non_finite_element(bad):
+    ok = [torch.randn(4, 4), torch.randn(3)]
+    assert km.all_finite(ok) and km.all_finite([])
+    for i in range(2):
+        for pos in range(ok[i].numel()):
+            t = [x.clone() for x in ok]
+            t[i].view(-1)[pos] = bad
+            assert not km.all_finite(t)
+    both = [torch.tensor([float("inf"), -float("inf"), 1.0])]  # opposite infinities: NaN sum
+    assert not km.all_finite(both)
 
 
 def test_pack_unpack_symmetric_roundtrip_and_size():
