@@ -11,7 +11,17 @@ factors every 10 steps, decompositions every 100:
 
     amortised = plain + (factor - plain) / 10 + decomposition / 100
 
-Peak memory is the process's maximum resident set size on CPU, ``max_memory_allocated`` on CUDA.
+and is divided by the SGD step time measured in the same process (``--rounds`` K-FAC runs,
+each preceded and followed by an SGD run), so machine-speed drift between processes does not
+enter the ratio.
+
+Peak memory is the peak resident set size during the K-FAC runs on CPU (Linux's VmHWM, reset
+before each run), ``max_memory_allocated`` on CUDA.
+
+``--malloc-tuned`` runs every configuration (SGD included) with glibc told to keep freed
+memory (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): on CPU most of the MC pass's
+cost under glibc's defaults is page faults on fresh memory (the graph is retained for the real
+backward), and this shows the figures without them.
 """
 from __future__ import annotations
 
@@ -28,7 +38,7 @@ NETS = ("vgg16", "preresnet110")
 
 
 def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int, fisher: str,
-             device: str) -> dict:
+             device: str, rounds: int = 2) -> dict:
     import lightning.pytorch as pl
     import torch
     import torch.nn.functional as F
@@ -68,25 +78,34 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size * steps, 3, 32, 32, generator=g)
     y = torch.randint(0, 100, (batch_size * steps,), generator=g)
-    timer = Timer()
-    callbacks: list = [timer]
-    kfac = None
-    # factor steps at 0, 3, 6, ...: step 0 also decomposes (timed apart below)
-    if method != "sgd":
-        kfac = KFAC(method=method, factor_update_interval=3, inverse_update_interval=10**9,
-                    conv_locations=locations or None, fisher=fisher)
-        callbacks.insert(0, kfac)
-    trainer = pl.Trainer(accelerator=device, devices=1, max_steps=steps, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=callbacks)
-    trainer.fit(Bench(), DataLoader(TensorDataset(x, y), batch_size=batch_size))
-    times = timer.times[1:]  # step 0 includes warm-up and the first decomposition
-    if kfac is None:
-        plain, factor = statistics.median(times), None
+    def fit(kfac=None) -> list[float]:
+        timer = Timer()
+        callbacks: list = [timer] if kfac is None else [kfac, timer]
+        trainer = pl.Trainer(accelerator=device, devices=1, max_steps=steps, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(Bench(), DataLoader(TensorDataset(x, y), batch_size=batch_size))
+        return timer.times
+
+    if method == "sgd":
+        kfac, factor, sgd = None, None, None
+        plain = statistics.median(fit()[1:])  # step 0 includes warm-up
     else:
-        idx = range(1, len(timer.times))
-        plain = statistics.median([timer.times[i] for i in idx if i % 3])
-        factor = statistics.median([timer.times[i] for i in idx if i % 3 == 0])
+        # factor steps at 0, 3, 6, ...: step 0 also decomposes (timed apart below). SGD runs in
+        # the same process, alternating with K-FAC (SGD, K-FAC, SGD, ... SGD), so the ratio is
+        # paired against drifts of the machine's speed (±30 % between processes on shared CPUs).
+        sgd_times, plains, factors = fit()[1:], [], []
+        peak = 0.0
+        for _ in range(rounds):
+            kfac = KFAC(method=method, factor_update_interval=3, inverse_update_interval=10**9,
+                        conv_locations=locations or None, fisher=fisher)
+            _reset_peak(device)
+            times = fit(kfac)
+            peak = max(peak, _peak_gb(device))
+            plains += [times[i] for i in range(1, len(times)) if i % 3]
+            factors += [times[i] for i in range(1, len(times)) if i % 3 == 0]
+            sgd_times += fit()[1:]
+        plain, factor, sgd = statistics.median(plains), statistics.median(factors), statistics.median(sgd_times)
     decomposition = None
     if kfac is not None:
         t0 = time.perf_counter()
@@ -94,12 +113,38 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
         if device == "cuda":
             torch.cuda.synchronize()
         decomposition = time.perf_counter() - t0
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if kfac is None:
+        peak = _peak_gb(device)
     return {"net": net, "method": method, "locations": locations, "fisher": fisher, "plain_s": plain, "factor_s": factor,
-            "decomposition_s": decomposition, "peak_gb": peak, "threads": torch.get_num_threads()}
+            "sgd_s": sgd, "decomposition_s": decomposition, "peak_gb": peak, "threads": torch.get_num_threads()}
+
+
+def _reset_peak(device: str) -> None:
+    """Start a new peak-memory window (CUDA: allocator stats; Linux: the VmHWM of /proc)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # no /proc: the peak stays the process's maximum
+
+
+def _peak_gb(device: str) -> float:
+    """Peak memory since :func:`_reset_peak` (or since the start of the process)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(line for line in f if line.startswith("VmHWM:"))
+        return int(hwm.split()[1]) / 2**20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def factor_accuracy(net: str, locations: int, batch_size: int = 128, seed: int = 0) -> dict:
@@ -238,13 +283,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--locations", nargs="+", type=int, default=[0],
                         help="conv_locations values to try (0 = every location)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=7, help="steps per configuration (>= 7)")
+    parser.add_argument("--steps", type=int, default=7, help="steps per training run (>= 7)")
+    parser.add_argument("--rounds", type=int, default=2, help="K-FAC runs per configuration, each followed by SGD")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--accuracy", action="store_true",
                         help="instead of timing, measure what conv_locations costs in factor accuracy")
     parser.add_argument("--communication", action="store_true",
                         help="instead of timing steps, measure the DDP factor all-reduce and decomposition split")
     parser.add_argument("--fishers", nargs="+", choices=("mc", "empirical"), default=["mc"])
+    parser.add_argument("--malloc-tuned", action="store_true",
+                        help="run every configuration with glibc keeping freed memory (fewer page faults)")
     parser.add_argument("--one", nargs=4, metavar=("NET", "METHOD", "LOCATIONS", "FISHER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.communication:
@@ -266,12 +314,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.steps < 7:
         parser.error(f"--steps must be >= 7, got {args.steps}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.one:
         net, method, locations, fisher = args.one
-        print(json.dumps(_run_one(net, method, args.batch_size, args.steps, int(locations), fisher, args.device)))
+        print(json.dumps(_run_one(net, method, args.batch_size, args.steps, int(locations), fisher, args.device,
+                                  args.rounds)))
         return
 
     rows = []
@@ -279,8 +330,12 @@ def main(argv: list[str] | None = None) -> None:
         configs = [("sgd", 0, "mc")] + [(m, s, f) for m in args.methods for s in args.locations for f in args.fishers]
         for method, locations, fisher in configs:
             cmd = [sys.executable, "-m", "lightning_kfac_swa.bench", "--one", net, method, str(locations), fisher,
-                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+                   "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
+                   "--rounds", str(args.rounds)]
+            env = dict(os.environ)
+            if args.malloc_tuned:
+                env.update(MALLOC_MMAP_THRESHOLD_=str(2**32), MALLOC_TRIM_THRESHOLD_=str(2**34))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"benchmark configuration {net}/{method} failed")
@@ -289,7 +344,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _format(r: dict, rows: list[dict]) -> str:
-    sgd = next(x for x in rows if x["net"] == r["net"] and x["method"] == "sgd")["plain_s"]
     if r["method"] == "sgd":
         return (f"{r['net']:<13} sgd                                    step {r['plain_s']:.3f} s"
                 f"                                                   peak {r['peak_gb']:.2f} GB")
@@ -297,7 +351,8 @@ def _format(r: dict, rows: list[dict]) -> str:
     loc = r["locations"] or "all"
     return (f"{r['net']:<13} kfac-{r['method']:<7} {r['fisher']:<9} locations={loc:<4} plain {r['plain_s']:.3f} s  "
             f"factor {r['factor_s']:.3f} s  decomposition {r['decomposition_s']:.2f} s  "
-            f"amortised {amort:.3f} s = {amort / sgd:.2f}x SGD  peak {r['peak_gb']:.2f} GB")
+            f"amortised {amort:.3f} s = {amort / r['sgd_s']:.2f}x SGD (same process: {r['sgd_s']:.3f} s)  "
+            f"peak {r['peak_gb']:.2f} GB")
 
 
 if __name__ == "__main__":
