@@ -12,11 +12,11 @@ factors every 10 steps, decompositions every 100:
     amortised = plain + (factor - plain) / 10 + decomposition / 100
 
 and is divided by the SGD step time measured in the same process (``--rounds`` K-FAC runs,
-each preceded and followed by an SGD run), so machine-speed drift between processes does not
+each followed by an SGD run), so machine-speed drift between processes does not
 enter the ratio.
 
-Peak memory is the peak resident set size during the K-FAC runs on CPU (Linux's VmHWM, reset
-before each run), ``max_memory_allocated`` on CUDA.
+Peak memory is the peak resident set size of the first K-FAC run (which runs before any SGD
+run of its process) on CPU, ``max_memory_allocated`` on CUDA.
 
 ``--malloc-tuned`` runs every configuration (SGD included) with glibc told to keep freed
 memory (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): on CPU most of the MC pass's
@@ -92,16 +92,19 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
         plain = statistics.median(fit()[1:])  # step 0 includes warm-up
     else:
         # factor steps at 0, 3, 6, ...: step 0 also decomposes (timed apart below). SGD runs in
-        # the same process, alternating with K-FAC (SGD, K-FAC, SGD, ... SGD), so the ratio is
+        # the same process, alternating with K-FAC (K-FAC, SGD, K-FAC, SGD, ...), so the ratio is
         # paired against drifts of the machine's speed (±30 % between processes on shared CPUs).
-        sgd_times, plains, factors = fit()[1:], [], []
+        # The first K-FAC run comes first, so its peak memory is not inflated by the SGD runs'.
+        sgd_times: list[float] = []
+        plains: list[float] = []
+        factors: list[float] = []
         peak = 0.0
-        for _ in range(rounds):
+        for r in range(rounds):
             kfac = KFAC(method=method, factor_update_interval=3, inverse_update_interval=10**9,
                         conv_locations=locations or None, fisher=fisher)
-            _reset_peak(device)
             times = fit(kfac)
-            peak = max(peak, _peak_gb(device))
+            if r == 0:
+                peak = _peak_gb(device)
             plains += [times[i] for i in range(1, len(times)) if i % 3]
             factors += [times[i] for i in range(1, len(times)) if i % 3 == 0]
             sgd_times += fit()[1:]
@@ -119,32 +122,13 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
             "sgd_s": sgd, "decomposition_s": decomposition, "peak_gb": peak, "threads": torch.get_num_threads()}
 
 
-def _reset_peak(device: str) -> None:
-    """Start a new peak-memory window (CUDA: allocator stats; Linux: the VmHWM of /proc)."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # no /proc: the peak stays the process's maximum
-
-
 def _peak_gb(device: str) -> float:
-    """Peak memory since :func:`_reset_peak` (or since the start of the process)."""
+    """Peak memory of the process so far: max RSS on CPU, ``max_memory_allocated`` on CUDA."""
     import torch
 
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    try:
-        with open("/proc/self/status") as f:
-            hwm = next(line for line in f if line.startswith("VmHWM:"))
-        return int(hwm.split()[1]) / 2**20
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def factor_accuracy(net: str, locations: int, batch_size: int = 128, seed: int = 0) -> dict:
