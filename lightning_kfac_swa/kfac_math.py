@@ -250,17 +250,17 @@ def shifted_input_sum(x: Tensor, geo: ConvGeometry, bias: bool) -> tuple[Tensor,
         if col_sums is not None:
             col_sums += xt.sum(2)
     count = b * ho * wo
-    out = x.new_empty(k + int(bias), k + int(bias))
-    # out[:k, :k] seen as (tap, tap, C, C) blocks of the (C, kh, kw) row order; each written once
-    tap_blocks = out[:k, :k].view(c, taps, c, taps).permute(1, 3, 0, 2)
-    unset = set(itertools.product(range(taps), repeat=2))
+    block: dict[tuple[int, int], Tensor] = {}
     for (*_, pairs, _), sums in zip(plan.shifts, per_shift):
-        for (i, j), block in zip(pairs, sums):
-            tap_blocks[i, j].copy_(block)
-            tap_blocks[j, i].copy_(block.T)  # A is symmetric
-            unset -= {(i, j), (j, i)}
-    for i, j in unset:  # shifts that fall entirely outside the input
-        tap_blocks[i, j].zero_()
+        for (i, j), b_ij in zip(pairs, sums):
+            block[i, j] = b_ij
+            block[j, i] = b_ij.T  # A is symmetric
+    zero = x.new_zeros(c, c)  # shifts that fall entirely outside the input
+    out = x.new_empty(k + int(bias), k + int(bias))
+    rows = out[:k, :k].view(c, taps, k)  # row (c, i) of A, columns in (C, kh, kw) order
+    for i in range(taps):  # one strip of rows per tap, written contiguously
+        strip = torch.stack([block.get((i, j), zero) for j in range(taps)], dim=2)  # (C, C, taps)
+        rows[:, i].copy_(strip.view(c, k))
     if col_sums is not None:
         sums = torch.stack([col_sums[r0:r1, c0:c1].sum((0, 1)) for (r0, r1), (c0, c1) in plan.tap_rects], 1)
         out[:k, k] = sums.reshape(k)
