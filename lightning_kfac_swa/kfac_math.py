@@ -161,7 +161,6 @@ class _ShiftPlan(NamedTuple):
     """How :func:`shifted_input_sum` assembles A for one geometry and input size (cached)."""
 
     taps: int  # kh * kw
-    out_hw: tuple[int, int]  # output locations (H_out, W_out)
     # one entry per input shift d = κ_j - κ_i between kernel taps i <= j:
     # (dy, dx, first row, last row + 1, column bands [(c0, c1)], tap pairs [(i, j)], selector)
     shifts: tuple
@@ -201,7 +200,7 @@ def _shift_plan(kernel: tuple[int, int], dilation: tuple[int, int], pad_top_left
                     sel[p, q, rows[k][0] - r0:rows[k][1] - r0] = 1.0
         shifts.append((dy, dx, r0, r1, tuple(bands), tuple(pairs[k] for k in live), sel.reshape(len(live), -1)))
     rects = tuple((span(ky, ho, h, 0), span(kx, wo, w, 0)) for ky, kx in kappa)
-    return _ShiftPlan(len(kappa), (ho, wo), tuple(shifts), rects)
+    return _ShiftPlan(len(kappa), tuple(shifts), rects)
 
 
 def shifted_input_sum(x: Tensor, geo: ConvGeometry, bias: bool) -> tuple[Tensor, int]:
