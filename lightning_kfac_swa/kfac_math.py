@@ -109,6 +109,14 @@ def conv_geometry(conv: torch.nn.Conv2d) -> ConvGeometry:
     return ConvGeometry((kh, kw), tuple(conv.stride), (dh, dw), pad, conv.padding_mode)
 
 
+def conv_output_hw(geo: ConvGeometry, h: int, w: int) -> tuple[int, int]:
+    """Output size ``(H_out, W_out)`` of a convolution with geometry ``geo`` on an ``h × w`` input."""
+    (kh, kw), (sh, sw), (dh, dw) = geo.kernel_size, geo.stride, geo.dilation
+    left, right, top, bottom = geo.padding
+    return ((h + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+            (w + left + right - dw * (kw - 1) - 1) // sw + 1)
+
+
 def unfold_patches(x: Tensor, geo: ConvGeometry) -> Tensor:
     """Extract the convolution patches of ``x``.
 
@@ -223,13 +231,12 @@ def shifted_input_sum(x: Tensor, geo: ConvGeometry, bias: bool) -> tuple[Tensor,
     """
     if geo.stride != (1, 1):
         raise ValueError(f"shifted_input_sum needs stride (1, 1), got {geo.stride}")
-    left, right, top, bottom = geo.padding
+    ho, wo = conv_output_hw(geo, x.shape[2], x.shape[3])
+    left, _, top, _ = geo.padding
     if geo.padding_mode != "zeros" and any(geo.padding):
         x = F.pad(x, geo.padding, mode=geo.padding_mode)
-        left = right = top = bottom = 0
+        left = top = 0
     b, c, h, w = x.shape
-    (kh, kw), (dh, dw) = geo.kernel_size, geo.dilation
-    ho, wo = h + top + bottom - dh * (kh - 1), w + left + right - dw * (kw - 1)
     plan = _shift_plan(geo.kernel_size, geo.dilation, (top, left), (h, w), (ho, wo))
     taps, k = plan.taps, c * plan.taps
     per_shift: list[Optional[Tensor]] = [None] * len(plan.shifts)  # (pairs, C, C) block sums
@@ -289,7 +296,7 @@ def conv_input_sum(x: Tensor, geo: ConvGeometry, bias: bool, locations: Optional
     """
     b, c = x.shape[:2]
     k = c * geo.kernel_size[0] * geo.kernel_size[1]
-    s = unfold_patches(x[:1], geo).shape[2]
+    s = math.prod(conv_output_hw(geo, x.shape[2], x.shape[3]))
     idx = location_subset(b, s, locations, generator)
     if idx is None and geo.stride == (1, 1) and geo.kernel_size != (1, 1):
         return shifted_input_sum(x, geo, bias)
