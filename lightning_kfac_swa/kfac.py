@@ -9,12 +9,15 @@ When things happen (k = optimizer steps taken so far, counted by this callback):
   recorded (every micro-batch of an accumulation window). Otherwise the module hooks only
   check a flag.
 * forward hooks on each Linear/Conv2d add the input statistics ``Σ ā āᵀ`` at once.
-* the forward hooks also put a tensor hook on each layer output. ``fisher="mc"``: in
-  ``on_before_backward`` labels are sampled from the softmax of the logits and
-  ``torch.autograd.grad`` of the sampled loss (w.r.t. the first layer's weight only) runs
-  the tensor hooks, which read ĝ; no parameter's ``.grad`` is touched, no extra forward is
-  run, DDP's gradient hooks do not fire. ``fisher="empirical"``: the same tensor hooks read ĝ
-  from the real backward.
+* the forward hooks also put a tensor hook on each layer output. ``fisher="empirical"``:
+  these read ĝ from the real backward. ``fisher="mc"``: in ``on_before_backward`` labels are
+  sampled from the softmax of the logits and the gradient of the sampled loss is propagated
+  back from the logits, reading ĝ at each layer output. On CPU this rides along the real
+  backward (:mod:`lightning_kfac_swa.sampled_backward`: a second pass over the retained graph
+  costs mostly page faults there); on other devices, or for graphs with Python
+  ``autograd.Function`` nodes, it is a separate ``torch.autograd.grad`` pass w.r.t. the first
+  layer's weight only, run before the real backward. Either way no parameter's ``.grad`` is
+  touched, no extra forward is run and DDP's gradient hooks do not fire.
 * ``on_before_optimizer_step`` (after accumulation and AMP unscaling, before clipping):
   factors are finalised (all-reduced across ranks), decomposed every
   ``inverse_update_interval`` steps, and every layer's gradient is replaced by its
@@ -38,6 +41,7 @@ from torch import Tensor
 
 from lightning_kfac_swa import distributed as kdist
 from lightning_kfac_swa import kfac_math as km
+from lightning_kfac_swa import sampled_backward as sb
 from lightning_kfac_swa.kfac_layers import SUPPORTED, LinearHelper, make_helper
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
@@ -178,6 +182,7 @@ class KFAC(Callback):
         self._logits: Optional[Tensor] = None
         self._pending: list = []  # (layer, fired flag) of outputs hooked in this micro-batch
         self._in_mc_pass = False
+        self._sampled: Optional[sb.SampledBackward] = None
         self._pending_state: Optional[dict] = None
         self._needs_decomposition = False
         self._warned: set[str] = set()
@@ -253,10 +258,11 @@ class KFAC(Callback):
             rec.add_a(s, c)
             if output.requires_grad:
                 # Registered now, before any in-place op (e.g. ReLU(inplace=True)) edits the
-                # output, so the hook sees the gradient w.r.t. the layer's own output.
+                # output, so the hook sees the gradient w.r.t. the layer's own output; for the
+                # same reason the output's node and slot are kept for the sampled backward.
                 fired = [False]
                 output.register_hook(self._make_grad_hook(rec, fired))
-                self._pending.append((rec, fired))
+                self._pending.append((rec, fired, output.grad_fn, output.output_nr))
             if self.logits_module is None:
                 self._logits = output
             self._factor_seconds += time.perf_counter() - t0
@@ -267,17 +273,24 @@ class KFAC(Callback):
             # mc: only the sampled-loss pass counts, once; empirical: the real backward counts
             if (self.fisher == "mc") != self._in_mc_pass or fired[0]:
                 return
-            fired[0] = True
+            if self._in_mc_pass:  # timed as a whole by the pass
+                self._record_g(rec, fired, grad)
+                return
             t0 = time.perf_counter()
-            with torch.autocast(grad.device.type, enabled=False):
-                g = grad.detach().to(rec.dtype)
-                if not self._in_mc_pass:
-                    # ĝ = B × ∂(batch-mean loss)/∂output; 1/accumulate and the AMP scale are undone later
-                    g = g * grad.shape[0]
-                s, c = rec.helper.grad_sum(g, rec.dtype, self.conv_locations, self._generator(rec, 1))
-            rec.add_g(s, c)
+            self._record_g(rec, fired, grad)
             self._factor_seconds += time.perf_counter() - t0
         return hook
+
+    def _record_g(self, rec: _Layer, fired: list, grad: Tensor) -> None:
+        """Add ``Σ ĝ ĝᵀ`` from the gradient w.r.t. ``rec``'s output to its pending sums."""
+        fired[0] = True
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.detach().to(rec.dtype)
+            if self.fisher == "empirical":
+                # ĝ = B × ∂(batch-mean loss)/∂output; 1/accumulate and the AMP scale are undone later
+                g = g * grad.shape[0]
+            s, c = rec.helper.grad_sum(g, rec.dtype, self.conv_locations, self._generator(rec, 1))
+        rec.add_g(s, c)
 
     def _logits_hook(self, module, inputs, output) -> None:
         if self._recording and torch.is_grad_enabled():
@@ -309,29 +322,69 @@ class KFAC(Callback):
                 f"fisher='mc' needs logits of shape (batch, classes >= 2) from {where}, got "
                 f"{shape}; pass logits_module='<name of the classifier layer>' or use fisher='empirical'"
             )
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach().float(), dim=1)
-            gen = torch.Generator(device=probs.device).manual_seed(self._mix())
-            labels = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        # Sum, not mean: the gradient w.r.t. example n's output is then ĝ_n itself.
-        sampled = F.cross_entropy(logits.float(), labels, reduction="sum")
+        # The sampled loss is a sum, not a mean: its gradient w.r.t. example n's output is ĝ_n.
+        with torch.enable_grad():
+            z = logits.detach().float().requires_grad_(True)
+            with torch.no_grad():
+                gen = torch.Generator(device=z.device).manual_seed(self._mix())
+                labels = torch.multinomial(torch.softmax(z, dim=1), 1, generator=gen).squeeze(1)
+            (cot,) = torch.autograd.grad(F.cross_entropy(z, labels, reduction="sum"), [z])
+        cot = cot.to(logits.dtype)
+        nodes = sb.plan(logits) if logits.device.type == "cpu" else None
+        if nodes is not None:
+            # CPU: carried inside the real backward (see sampled_backward for why)
+            taps: dict = {}
+            for rec, fired, node, slot in self._pending:
+                if node is not None:
+                    taps.setdefault(node, []).append((slot, lambda g, r=rec, f=fired: self._record_g(r, f, g)))
+            self._sampled = sb.SampledBackward(logits, cot, nodes, taps)
+        else:
+            self._separate_sampled_pass(logits, cot)
+        self._factor_seconds += time.perf_counter() - t0
+
+    def _separate_sampled_pass(self, logits: Tensor, cot: Tensor) -> None:
+        """The sampled backward as its own ``autograd.grad`` pass over the retained graph."""
         # Differentiate w.r.t. the weight of the first layer that ran: the backward passes every
         # layer output downstream of it (their hooks read ĝ) but computes one weight gradient
         # only and captures no activation-sized gradient. Layers off that path get a second pass.
         self._in_mc_pass = True
         try:
             first = self._pending[0][0].helper.module.weight
-            torch.autograd.grad(sampled, [first], retain_graph=True, allow_unused=True)
-            rest = list({id(r): r.helper.module.weight for r, fired in self._pending if not fired[0]}.values())
+            torch.autograd.grad(logits, [first], cot, retain_graph=True, allow_unused=True)
+            rest = list({id(p[0]): p[0].helper.module.weight for p in self._pending if not p[1][0]}.values())
             if rest:
-                torch.autograd.grad(sampled, rest, retain_graph=True, allow_unused=True)
+                torch.autograd.grad(logits, rest, cot, retain_graph=True, allow_unused=True)
         finally:
             self._in_mc_pass = False
         self._pending.clear()
         self._logits = None
-        self._factor_seconds += time.perf_counter() - t0
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        sampled, self._sampled = self._sampled, None
+        if sampled is None:
+            return
+        sampled.detach()
+        self._factor_seconds += sampled.seconds
+        if sampled.error is not None:
+            # This step's statistics are incomplete. Poisoning them makes the factor update skip
+            # them through the non-finite path, on every rank alike (the all-reduce still runs).
+            for r in self._layers.values():
+                d = r.helper.d_out
+                r.g_sum = torch.full((d, d), math.nan, dtype=r.dtype, device=r.helper.module.weight.device)
+                r.g_count = max(r.g_count, 1.0)
+            self._warn_once("sampled-error", f"KFAC: the sampled-label (MC) backward failed at step {self.steps} "
+                            f"({type(sampled.error).__name__}: {sampled.error}); this factor update is skipped")
+        elif not sampled.reached:
+            self._warn_once("sampled-unreached", "KFAC: fisher='mc' but the loss's backward never reached the "
+                            "logits, so no layer got sampled-label statistics; make the loss depend on the "
+                            "logits, set logits_module, or use fisher='empirical'")
+        self._pending.clear()
+        self._logits = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._sampled is not None:  # no backward ran (e.g. the step returned None)
+            self._sampled.detach()
+            self._sampled = None
         self._recording = False
         self._logits = None
         self._pending.clear()

@@ -48,6 +48,18 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=5e-4)
 
 
+class Twice(torch.autograd.Function):
+    """x -> 2x as a Python autograd node (one the sampled backward cannot apply directly)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
 def tiny_data(n=32, classes=5, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 3, 8, 8, generator=g).to(dtype), torch.randint(0, classes, (n,), generator=g))

@@ -6,7 +6,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.testing import assert_close
 
-from conftest import StepCapture, TinyModule, loader, tiny_data, tiny_net, trainer
+from conftest import StepCapture, TinyModule, Twice, loader, tiny_data, tiny_net, trainer
 from lightning_kfac_swa import KFAC
 from lightning_kfac_swa import kfac_math as km
 from test_kfac_math import explicit_patches
@@ -129,6 +129,49 @@ def test_mc_fisher_last_layer_approaches_model_fisher_and_differs_from_empirical
     e = F.one_hot(disagree, 5).float()
     emp_expected = ((p - e)[:, :, None] * (p - e)[:, None, :]).mean(0)
     assert_close(got["empirical"], emp_expected, rtol=1e-4, atol=1e-5)
+
+
+class PythonNodeReLU(nn.Module):
+    """relu(x) = relu(2x) / 2 through a Python autograd.Function: a graph node the sampled
+    backward cannot apply directly, so KFAC takes the separate autograd.grad pass."""
+
+    def forward(self, x):
+        return torch.relu(Twice.apply(x)) / 2
+
+
+@pytest.mark.parametrize("route", ["inside the real backward", "separate pass"])
+def test_mc_factors_match_reference_for_the_sampled_labels(route, tmp_path, monkeypatch):
+    """G from fisher='mc' is exactly 1/B Σ ĝ ĝᵀ of the loss on the labels it drew, on both routes."""
+    from lightning_kfac_swa import sampled_backward as sb
+    drawn, built = [], []
+    real_multinomial, real_sampled = torch.multinomial, sb.SampledBackward
+
+    def recording_multinomial(*args, **kwargs):
+        out = real_multinomial(*args, **kwargs)
+        drawn.append(out.squeeze(1).clone())
+        return out
+
+    def recording_sampled(*args, **kwargs):
+        built.append(1)
+        return real_sampled(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", recording_multinomial)
+    monkeypatch.setattr(sb, "SampledBackward", recording_sampled)
+    kfac = KFAC(factor_decay=0.0, factor_update_interval=1, fisher="mc")
+    before, factors = StepCapture(), FactorCapture(kfac)
+    module = TinyModule(lr=0.1).double()
+    if route == "separate pass":
+        module.net[2] = PythonNodeReLU()
+    t = trainer(tmp_path, precision="64-true", max_steps=3, callbacks=[before, kfac, factors])
+    t.fit(module, loader(tiny_data(24, dtype=torch.float64)))
+    assert len(drawn) == 3 and len(built) == (3 if route == "inside the real backward" else 0)
+    for step in range(3):
+        x, y = before.batches[step]
+        assert not torch.equal(drawn[step], y)  # the sampled labels are not the true ones
+        ref = reference_step(before.states[step], (x, drawn[step]))
+        for name, (A, G) in ref.items():
+            assert_close(factors.factors[step][name][0], A)
+            assert_close(factors.factors[step][name][1], G)
 
 
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
