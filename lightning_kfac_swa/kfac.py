@@ -438,7 +438,7 @@ class KFAC(Callback):
                 r.G = km.running_average(r.G, new_g, self.factor_decay)
             r.clear_pending()
         if not finite:
-            self._warn_once("nonfinite", "KFAC: non-finite factor statistics (e.g. an fp16 overflow) at step "
+            self._warn_once("nonfinite", "KFAC: non-finite factor statistics (an fp16 overflow, or a failed sampled backward) at step "
                             f"{self.steps}; this factor update is skipped and the previous factors are kept")
         if missing:
             self._warn_once("missing:" + ",".join(missing),

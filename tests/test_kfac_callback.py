@@ -174,6 +174,31 @@ def test_mc_factors_match_reference_for_the_sampled_labels(route, tmp_path, monk
             assert_close(factors.factors[step][name][1], G)
 
 
+def test_failing_sampled_backward_skips_that_factor_update(tmp_path, monkeypatch):
+    """An error inside the sampled pass never reaches the real backward: that step's factor
+    update is skipped with a warning, the previous factors are kept, training goes on."""
+    from lightning_kfac_swa import sampled_backward as sb
+    kfac = KFAC(factor_update_interval=1, fisher="mc")
+    factors = FactorCapture(kfac)
+    real_step, calls = sb.SampledBackward._step, []
+
+    def flaky_step(self, node, grads):
+        calls.append(node)
+        if kfac.steps == 1:
+            raise RuntimeError("simulated failure")
+        return real_step(self, node, grads)
+
+    monkeypatch.setattr(sb.SampledBackward, "_step", flaky_step)
+    module = TinyModule()
+    with pytest.warns(UserWarning, match="sampled-label \\(MC\\) backward failed at step 1"):
+        trainer(tmp_path, max_steps=3, callbacks=[kfac, factors]).fit(module, loader(tiny_data()))
+    assert calls and kfac.steps == 3
+    for name, (A, G) in factors.factors[1].items():
+        assert torch.equal(A, factors.factors[0][name][0]) and torch.equal(G, factors.factors[0][name][1])
+        assert not torch.equal(G, factors.factors[2][name][1])  # step 2 updates again
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
     """Two micro-batches of 8 accumulated == one batch of 16 (no BN, so examples don't interact)."""
     ds = tiny_data(16, dtype=torch.float64)
