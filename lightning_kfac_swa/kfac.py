@@ -438,8 +438,9 @@ class KFAC(Callback):
                 r.G = km.running_average(r.G, new_g, self.factor_decay)
             r.clear_pending()
         if not finite:
-            self._warn_once("nonfinite", "KFAC: non-finite factor statistics (an fp16 overflow, or a failed sampled backward) at step "
-                            f"{self.steps}; this factor update is skipped and the previous factors are kept")
+            self._warn_once("nonfinite", "KFAC: non-finite factor statistics (an fp16 overflow, or a failed "
+                            f"sampled backward) at step {self.steps}; this factor update is skipped and the "
+                            "previous factors are kept")
         if missing:
             self._warn_once("missing:" + ",".join(missing),
                             f"KFAC: no statistics for layer(s) {missing} (their forward or backward did not "
