@@ -183,6 +183,7 @@ class KFAC(Callback):
         self._pending: list = []  # (layer, fired flag) of outputs hooked in this micro-batch
         self._in_mc_pass = False
         self._sampled: Optional[sb.SampledBackward] = None
+        self._ride_along = True  # False once the ride-along sampled backward failed in this fit
         self._pending_state: Optional[dict] = None
         self._needs_decomposition = False
         self._warned: set[str] = set()
@@ -203,6 +204,7 @@ class KFAC(Callback):
                 "KFAC needs automatic optimization (the LightningModule sets "
                 "automatic_optimization=False); precondition manually or turn it back on"
             )
+        self._ride_along = True
         self._attach(pl_module)
 
     def _attach(self, pl_module: "pl.LightningModule") -> None:
@@ -330,7 +332,7 @@ class KFAC(Callback):
                 labels = torch.multinomial(torch.softmax(z, dim=1), 1, generator=gen).squeeze(1)
             (cot,) = torch.autograd.grad(F.cross_entropy(z, labels, reduction="sum"), [z])
         cot = cot.to(logits.dtype)
-        nodes = sb.plan(logits) if logits.device.type == "cpu" else None
+        nodes = sb.plan(logits) if logits.device.type == "cpu" and self._ride_along else None
         if nodes is not None:
             # CPU: carried inside the real backward (see sampled_backward for why)
             taps: dict = {}
@@ -372,8 +374,10 @@ class KFAC(Callback):
                 d = r.helper.d_out
                 r.g_sum = torch.full((d, d), math.nan, dtype=r.dtype, device=r.helper.module.weight.device)
                 r.g_count = max(r.g_count, 1.0)
-            self._warn_once("sampled-error", f"KFAC: the sampled-label (MC) backward failed at step {self.steps} "
-                            f"({type(sampled.error).__name__}: {sampled.error}); this factor update is skipped")
+            self._ride_along = False
+            self._warn_once("sampled-error", f"KFAC: the sampled-label (MC) backward failed inside the real backward "
+                            f"at step {self.steps} ({type(sampled.error).__name__}: {sampled.error}); this factor "
+                            "update is skipped, later ones use a separate autograd.grad pass")
         elif not sampled.reached:
             self._warn_once("sampled-unreached", "KFAC: fisher='mc' but the loss's backward never reached the "
                             "logits, so no layer got sampled-label statistics; make the loss depend on the "

@@ -8,16 +8,21 @@ free yet, so every buffer of the pass lands on fresh pages (PreResNet110 at batc
 minor page faults under glibc's allocator, ~2 s for 0.8 s of arithmetic).
 
 :class:`SampledBackward` does the same propagation *during* the real backward instead. It puts
-a pre-hook on every autograd node between the logits and the leaves. When the real backward
-reaches a node, the hook first applies that node to the sampled cotangent (the node's saved
-tensors are still there) and passes the results along the node's edges the way the engine
+a hook on every autograd node between the logits and the leaves. Right after the real backward
+has run a node (its saved tensors are released only after the hooks), the hook applies the same
+node to the sampled cotangent and passes the results along the node's edges the way the engine
 does: summed where edges meet, reduced to the input's shape where it was broadcast, cast to
 its dtype. Each buffer of the sampled pass is then allocated while the real backward is
 freeing the forward's, and is reused like theirs.
 
 Why a hook sees a complete cotangent: the engine runs a node only after every node that feeds
-it has run, and the sampled cotangent flows along a subset of the same edges, so every
-contribution has arrived when the node's pre-hook fires.
+it has run (and their hooks have returned), and the sampled cotangent flows along a subset of
+the same edges, so every contribution has arrived when the node's hook fires.
+
+Why after, not before, the real node: a saved tensor may be unpackable only once per backward
+(``torch.utils.checkpoint`` without reentrancy). Unpacked by the real node first, a second
+unpack fails inside the hook, where the failure is caught and reported (:attr:`error`), and the
+real backward goes on; the other order would break the real backward.
 
 What it never does: call an ``AccumulateGrad`` node (no parameter's ``.grad`` is touched and
 DDP's gradient hooks do not see the sampled pass), or compute a convolution's weight gradient
@@ -109,7 +114,7 @@ class SampledBackward:
         self.reached = False
         self.seconds = 0.0  # time spent in the hooks (propagation and taps)
         self.error: Optional[BaseException] = None
-        self._handles = [node.register_prehook(self._make_hook(node)) for node in nodes]
+        self._handles = [node.register_hook(self._make_hook(node)) for node in nodes]
 
     def detach(self) -> None:
         for h in self._handles:
@@ -117,7 +122,7 @@ class SampledBackward:
         self._handles, self._pending, self._taps = [], {}, {}
 
     def _make_hook(self, node):
-        def hook(grad_outputs):
+        def hook(grad_inputs, grad_outputs):
             with self._lock:
                 grads = self._pending.pop(node, None)
             if node is self._root:
