@@ -19,10 +19,10 @@ Peak memory is the peak resident set size of the first K-FAC run (which runs bef
 run of its process) on CPU, ``max_memory_allocated`` on CUDA.
 
 ``--malloc-tuned`` runs every configuration (SGD included) with glibc told to keep freed
-memory (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): on CPU most of the MC pass's
-cost under glibc's defaults is page faults on fresh memory (the graph is retained for the real
-backward), and this shows the figures without them. ``--thp`` does the same through
-PyTorch's own switch for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``).
+memory (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``): on CPU part of every
+backward's cost under glibc's defaults is page faults on fresh memory, and this shows the
+figures without them. ``--thp`` does the same through PyTorch's own switch for transparent
+huge pages (``THP_MEM_ALLOC_ENABLE=1``).
 """
 from __future__ import annotations
 
