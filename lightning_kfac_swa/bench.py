@@ -39,7 +39,7 @@ NETS = ("vgg16", "preresnet110")
 
 
 def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int, fisher: str,
-             device: str, rounds: int = 2) -> dict:
+             device: str, rounds: int = 2, breakdown: bool = False) -> dict:
     import lightning.pytorch as pl
     import torch
     import torch.nn.functional as F
@@ -62,8 +62,9 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     class Timer(Callback):
-        def __init__(self):
+        def __init__(self, on_step=None):
             self.times = []
+            self.on_step = on_step
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if device == "cuda":
@@ -74,13 +75,15 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
             if device == "cuda":
                 torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.t0)
+            if self.on_step is not None:
+                self.on_step()
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size * steps, 3, 32, 32, generator=g)
     y = torch.randint(0, 100, (batch_size * steps,), generator=g)
-    def fit(kfac=None) -> list[float]:
-        timer = Timer()
+    def fit(kfac=None, on_step=None) -> list[float]:
+        timer = Timer(on_step)
         callbacks: list = [timer] if kfac is None else [kfac, timer]
         trainer = pl.Trainer(accelerator=device, devices=1, max_steps=steps, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False,
@@ -110,6 +113,10 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
             factors += [times[i] for i in range(1, len(times)) if i % 3 == 0]
             sgd_times += fit()[1:]
         plain, factor, sgd = statistics.median(plains), statistics.median(factors), statistics.median(sgd_times)
+    split = None
+    if breakdown and kfac is not None:
+        split = _factor_step_split(fit, KFAC(method=method, factor_update_interval=3, inverse_update_interval=10**9,
+                                             conv_locations=locations or None, fisher=fisher), steps)
     decomposition = None
     if kfac is not None:
         t0 = time.perf_counter()
@@ -120,7 +127,24 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
     if kfac is None:
         peak = _peak_gb(device)
     return {"net": net, "method": method, "locations": locations, "fisher": fisher, "plain_s": plain, "factor_s": factor,
-            "sgd_s": sgd, "decomposition_s": decomposition, "peak_gb": peak, "threads": torch.get_num_threads()}
+            "sgd_s": sgd, "decomposition_s": decomposition, "peak_gb": peak, "threads": torch.get_num_threads(),
+            "split": split}
+
+
+def _factor_step_split(fit, kfac, steps: int) -> dict:
+    """CPU seconds in each of KFAC's ``kfac::*`` profiler ranges, per factor step (per step for
+    ``precondition``), from one extra run under ``torch.profiler`` (step 0 left out)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=steps - 1)) as prof:
+        fit(kfac, on_step=prof.step)
+    n_factor = sum(1 for i in range(1, steps) if i % 3 == 0)
+    out = {}
+    for e in prof.key_averages():
+        if e.key.startswith("kfac::"):
+            name = e.key[len("kfac::"):]
+            out[name] = e.cpu_time_total / 1e6 / (steps - 1 if name == "precondition" else n_factor)
+    return out
 
 
 def _peak_gb(device: str) -> float:
@@ -281,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--thp", action="store_true",
                         help="run every configuration with THP_MEM_ALLOC_ENABLE=1 (PyTorch's CPU "
                              "allocations on transparent huge pages: 512x fewer page faults)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also split the factor step by K-FAC's profiler ranges (one extra, profiled run)")
     parser.add_argument("--one", nargs=4, metavar=("NET", "METHOD", "LOCATIONS", "FISHER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.communication:
@@ -310,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         net, method, locations, fisher = args.one
         print(json.dumps(_run_one(net, method, args.batch_size, args.steps, int(locations), fisher, args.device,
-                                  args.rounds)))
+                                  args.rounds, args.breakdown)))
         return
 
     rows = []
@@ -319,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         for method, locations, fisher in configs:
             cmd = [sys.executable, "-m", "lightning_kfac_swa.bench", "--one", net, method, str(locations), fisher,
                    "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device", args.device,
-                   "--rounds", str(args.rounds)]
+                   "--rounds", str(args.rounds)] + (["--breakdown"] if args.breakdown else [])
             env = dict(os.environ)
             if args.malloc_tuned:
                 env.update(MALLOC_MMAP_THRESHOLD_=str(2**32), MALLOC_TRIM_THRESHOLD_=str(2**34))
@@ -342,7 +368,15 @@ def _format(r: dict, rows: list[dict]) -> str:
     return (f"{r['net']:<13} kfac-{r['method']:<7} {r['fisher']:<9} locations={loc:<4} plain {r['plain_s']:.3f} s  "
             f"factor {r['factor_s']:.3f} s  decomposition {r['decomposition_s']:.2f} s  "
             f"amortised {amort:.3f} s = {amort / r['sgd_s']:.2f}x SGD (same process: {r['sgd_s']:.3f} s)  "
-            f"peak {r['peak_gb']:.2f} GB")
+            f"peak {r['peak_gb']:.2f} GB" + _format_split(r.get("split")))
+
+
+def _format_split(split: dict | None) -> str:
+    if not split:
+        return ""
+    per_factor = "  ".join(f"{k} {v:.2f} s" for k, v in sorted(split.items()) if k != "precondition")
+    return (f"\n{'':<13} per factor step (profiled run): {per_factor}; precondition "
+            f"{split.get('precondition', 0.0):.3f} s per step")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.profiler import record_function
 
 from lightning_kfac_swa import distributed as kdist
 from lightning_kfac_swa import kfac_math as km
@@ -255,7 +256,7 @@ class KFAC(Callback):
                 return
             t0 = time.perf_counter()
             x = inputs[0].detach()
-            with torch.autocast(x.device.type, enabled=False):  # factors in full precision
+            with torch.autocast(x.device.type, enabled=False), record_function("kfac::A"):  # full precision
                 s, c = rec.helper.input_sum(x, rec.dtype, self.conv_locations, self._generator(rec, 0))
             rec.add_a(s, c)
             if output.requires_grad:
@@ -286,7 +287,7 @@ class KFAC(Callback):
     def _record_g(self, rec: _Layer, fired: list, grad: Tensor) -> None:
         """Add ``Σ ĝ ĝᵀ`` from the gradient w.r.t. ``rec``'s output to its pending sums."""
         fired[0] = True
-        with torch.autocast(grad.device.type, enabled=False):
+        with torch.autocast(grad.device.type, enabled=False), record_function("kfac::G"):
             g = grad.detach().to(rec.dtype)
             if self.fisher == "empirical":
                 # ĝ = B × ∂(batch-mean loss)/∂output; 1/accumulate and the AMP scale are undone later
@@ -351,11 +352,12 @@ class KFAC(Callback):
         # only and captures no activation-sized gradient. Layers off that path get a second pass.
         self._in_mc_pass = True
         try:
-            first = self._pending[0][0].helper.module.weight
-            torch.autograd.grad(logits, [first], cot, retain_graph=True, allow_unused=True)
-            rest = list({id(p[0]): p[0].helper.module.weight for p in self._pending if not p[1][0]}.values())
-            if rest:
-                torch.autograd.grad(logits, rest, cot, retain_graph=True, allow_unused=True)
+            with record_function("kfac::sampled_backward"):  # G is inside this range on this route
+                first = self._pending[0][0].helper.module.weight
+                torch.autograd.grad(logits, [first], cot, retain_graph=True, allow_unused=True)
+                rest = list({id(p[0]): p[0].helper.module.weight for p in self._pending if not p[1][0]}.values())
+                if rest:
+                    torch.autograd.grad(logits, rest, cot, retain_graph=True, allow_unused=True)
         finally:
             self._in_mc_pass = False
         self._pending.clear()
@@ -400,14 +402,17 @@ class KFAC(Callback):
         metrics: dict[str, Any] = {}
         if self.steps % self.factor_update_interval == 0:
             t0 = time.perf_counter()
-            self._update_factors(trainer)
+            with record_function("kfac::update_factors"):
+                self._update_factors(trainer)
             metrics["kfac/factor_time_s"] = self._factor_seconds + time.perf_counter() - t0
             self._factor_seconds = 0.0
         if self.steps % self.inverse_update_interval == 0 or self._needs_decomposition:
             t0 = time.perf_counter()
-            self._decompose()
+            with record_function("kfac::decompose"):
+                self._decompose()
             metrics["kfac/decomposition_time_s"] = time.perf_counter() - t0
-        nu = self._precondition(optimizer)
+        with record_function("kfac::precondition"):
+            nu = self._precondition(optimizer)
         if nu is not None:
             metrics["kfac/nu"] = nu
         self.steps += 1

@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 Tap = Callable[[Tensor], None]
 
@@ -131,7 +132,11 @@ class SampledBackward:
                 return None
             t0 = time.perf_counter()
             try:
-                self._step(node, grads)
+                for slot, fn in self._taps.get(node, ()):
+                    if grads[slot] is not None:
+                        fn(grads[slot])
+                with record_function("kfac::sampled_backward"):
+                    self._step(node, grads)
             except Exception as err:  # noqa: BLE001 - reported through .error, never raised into the engine
                 self.error = err
                 with self._lock:
@@ -141,9 +146,7 @@ class SampledBackward:
         return hook
 
     def _step(self, node, grads: list) -> None:
-        for slot, fn in self._taps.get(node, ()):
-            if grads[slot] is not None:
-                fn(grads[slot])
+        """Apply ``node`` to the sampled gradients ``grads`` and pass the results on."""
         edges = node.next_functions
         if all(n is None or _is_leaf_sink(n) for n, _ in edges):
             return

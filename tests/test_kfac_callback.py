@@ -225,6 +225,17 @@ def test_mc_with_activation_checkpointing_falls_back_to_the_separate_pass(tmp_pa
         assert not torch.equal(G, factors.factors[1][name][1])  # updated after the fallback
 
 
+def test_kfac_phases_show_up_as_profiler_ranges(tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+    kfac = KFAC(factor_update_interval=1, fisher="mc")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer(tmp_path, max_steps=2, callbacks=[kfac]).fit(TinyModule(), loader(tiny_data()))
+    calls = {e.key: e.count for e in prof.key_averages() if e.key.startswith("kfac::")}
+    assert calls["kfac::update_factors"] == 2 and calls["kfac::precondition"] == 2
+    assert calls["kfac::A"] == calls["kfac::G"] == 4  # 2 layers x 2 steps
+    assert calls["kfac::decompose"] >= 1 and calls["kfac::sampled_backward"] >= 2
+
+
 def test_gradient_accumulation_counts_every_micro_batch(tmp_path):
     """Two micro-batches of 8 accumulated == one batch of 16 (no BN, so examples don't interact)."""
     ds = tiny_data(16, dtype=torch.float64)
