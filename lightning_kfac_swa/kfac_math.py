@@ -243,7 +243,9 @@ def shifted_input_sum(x: Tensor, geo: ConvGeometry, bias: bool) -> tuple[Tensor,
     col_sums = x.new_zeros(h, w, c) if bias else None
     chunk = _chunk(b, c * h * w)
     for start in range(0, b, chunk):
-        xt = x[start:start + chunk].permute(2, 3, 0, 1).contiguous()  # (H, W, n, C)
+        # (H, W, n, C) in two copies: a direct permute gathers single floats C·H·W apart and
+        # is ~3.5x slower on CPU (7.4 vs 2.1 ms at (128, 16, 32, 32)) than moving whole C-vectors
+        xt = x[start:start + chunk].permute(0, 2, 3, 1).contiguous().permute(1, 2, 0, 3).contiguous()
         n = xt.shape[2]
         for s, (dy, dx, r0, r1, bands, pairs, sel) in enumerate(plan.shifts):
             prods = []
