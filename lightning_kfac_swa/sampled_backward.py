@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +46,7 @@ Tap = Callable[[Tensor], None]
 
 
 def _is_leaf_sink(node) -> bool:
+    """True for the node that accumulates a leaf's ``.grad`` (never called by the sampled pass)."""
     return type(node).__name__ == "AccumulateGrad"
 
 
@@ -105,7 +106,7 @@ class SampledBackward:
     while propagating (propagation then stops; the real backward is never disturbed).
     """
 
-    def __init__(self, root: Tensor, cotangent: Tensor, nodes: list, taps: dict) -> None:
+    def __init__(self, root: Tensor, cotangent: Tensor, nodes: list, taps: dict[Any, list[tuple[int, Tap]]]) -> None:
         start = [None] * len(root.grad_fn._input_metadata)
         start[root.output_nr] = cotangent.detach()
         self._pending: dict = {root.grad_fn: start}
