@@ -300,6 +300,23 @@ def test_bf16_mixed_keeps_float32_factors_close_to_fp32(tmp_path):
             assert ((f[k] - ref).norm() / ref.norm()).item() < 0.05
 
 
+def test_mc_routes_agree_under_bf16_mixed(tmp_path):
+    """Under autocast the graph mixes bf16 and float32 nodes: the ride-along pass must cast
+    between them as the engine does, and give the separate pass's factors."""
+    got = []
+    for separate in (False, True):
+        kfac = KFAC(factor_decay=0.0, factor_update_interval=1, fisher="mc")
+        module = TinyModule(lr=0.0)
+        if separate:
+            module.net[2] = PythonNodeReLU()  # relu(2x)/2: the same values, bit for bit
+        trainer(tmp_path, precision="bf16-mixed", max_steps=2, callbacks=[kfac]).fit(module, loader(tiny_data(16)))
+        got.append(kfac.state_dict()["factors"])
+    for name, f in got[0].items():
+        assert f["G"].dtype == torch.float32
+        assert_close(f["A"], got[1][name]["A"], rtol=0, atol=0)
+        assert_close(f["G"], got[1][name]["G"])
+
+
 def test_skip_leaves_layer_to_plain_optimizer(tmp_path):
     kfac = KFAC(skip=[r"^net\.4$"], factor_update_interval=1, inverse_update_interval=1)
     before, after = StepCapture(), StepCapture()
