@@ -9,10 +9,10 @@ When things happen (k = optimizer steps taken so far, counted by this callback):
   recorded (every micro-batch of an accumulation window). Otherwise the module hooks only
   check a flag.
 * forward hooks on each Linear/Conv2d add the input statistics ``Σ ā āᵀ`` at once.
-* the forward hooks also put a tensor hook on each layer output. ``fisher="empirical"``:
-  these read ĝ from the real backward. ``fisher="mc"``: in ``on_before_backward`` labels are
+* ``fisher="empirical"``: the forward hooks also put a tensor hook on each layer output,
+  which reads ĝ in the real backward. ``fisher="mc"``: in ``on_before_backward`` labels are
   sampled from the softmax of the logits and the gradient of the sampled loss is propagated
-  back from the logits, reading ĝ at each layer output. On CPU this rides along the real
+  back from the logits; taps on each layer output's autograd node read ĝ. On CPU this rides along the real
   backward (:mod:`lightning_kfac_swa.sampled_backward`: a second pass over the retained graph
   costs mostly page faults there); on other devices, or for graphs with Python
   ``autograd.Function`` nodes, it is a separate ``torch.autograd.grad`` pass w.r.t. the first
@@ -181,8 +181,8 @@ class KFAC(Callback):
         self._recording = False
         self._micro = 0  # micro-batch index inside the current accumulation window
         self._logits: Optional[Tensor] = None
-        self._pending: list = []  # (layer, fired flag) of outputs hooked in this micro-batch
-        self._in_mc_pass = False
+        # (layer, fired flag, output's autograd node, its slot) of the outputs of this micro-batch
+        self._pending: list = []
         self._sampled: Optional[sb.SampledBackward] = None
         self._ride_along = True  # False once the ride-along sampled backward failed in this fit
         self._pending_state: Optional[dict] = None
@@ -260,11 +260,13 @@ class KFAC(Callback):
                 s, c = rec.helper.input_sum(x, rec.dtype, self.conv_locations, self._generator(rec, 0))
             rec.add_a(s, c)
             if output.requires_grad:
-                # Registered now, before any in-place op (e.g. ReLU(inplace=True)) edits the
-                # output, so the hook sees the gradient w.r.t. the layer's own output; for the
-                # same reason the output's node and slot are kept for the sampled backward.
+                # Taken now, before any in-place op (e.g. ReLU(inplace=True)) edits the output:
+                # the output's node and slot, and its tensor hook, then see the gradient w.r.t.
+                # the layer's own output. mc reads it in the sampled pass (taps on the node),
+                # empirical in the real backward (the tensor hook).
                 fired = [False]
-                output.register_hook(self._make_grad_hook(rec, fired))
+                if self.fisher == "empirical":
+                    output.register_hook(self._make_grad_hook(rec, fired))
                 self._pending.append((rec, fired, output.grad_fn, output.output_nr))
             if self.logits_module is None:
                 self._logits = output
@@ -273,11 +275,7 @@ class KFAC(Callback):
 
     def _make_grad_hook(self, rec: _Layer, fired: list):
         def hook(grad):
-            # mc: only the sampled-loss pass counts, once; empirical: the real backward counts
-            if (self.fisher == "mc") != self._in_mc_pass or fired[0]:
-                return
-            if self._in_mc_pass:  # timed as a whole by the pass
-                self._record_g(rec, fired, grad)
+            if fired[0]:
                 return
             t0 = time.perf_counter()
             self._record_g(rec, fired, grad)
@@ -333,24 +331,33 @@ class KFAC(Callback):
                 labels = torch.multinomial(torch.softmax(z, dim=1), 1, generator=gen).squeeze(1)
             (cot,) = torch.autograd.grad(F.cross_entropy(z, labels, reduction="sum"), [z])
         cot = cot.to(logits.dtype)
+        # ĝ of each layer is read where it arrives at the layer output's node, once
+        taps: dict = {}
+        for rec, fired, node, slot in self._pending:
+            if node is not None:
+                taps.setdefault(node, []).append(
+                    (slot, lambda g, r=rec, f=fired: None if f[0] else self._record_g(r, f, g)))
         nodes = sb.plan(logits) if logits.device.type == "cpu" and self._ride_along else None
         if nodes is not None:
             # CPU: carried inside the real backward (see sampled_backward for why)
-            taps: dict = {}
-            for rec, fired, node, slot in self._pending:
-                if node is not None:
-                    taps.setdefault(node, []).append((slot, lambda g, r=rec, f=fired: self._record_g(r, f, g)))
             self._sampled = sb.SampledBackward(logits, cot, nodes, taps)
         else:
-            self._separate_sampled_pass(logits, cot)
+            self._separate_sampled_pass(logits, cot, taps)
         self._factor_seconds += time.perf_counter() - t0
 
-    def _separate_sampled_pass(self, logits: Tensor, cot: Tensor) -> None:
+    def _separate_sampled_pass(self, logits: Tensor, cot: Tensor, taps: dict) -> None:
         """The sampled backward as its own ``autograd.grad`` pass over the retained graph."""
+        def prehook(node):
+            def hook(grad_outputs):
+                for slot, fn in taps[node]:
+                    if grad_outputs[slot] is not None:
+                        fn(grad_outputs[slot])
+            return hook
+
+        handles = [node.register_prehook(prehook(node)) for node in taps]
         # Differentiate w.r.t. the weight of the first layer that ran: the backward passes every
-        # layer output downstream of it (their hooks read ĝ) but computes one weight gradient
+        # layer output downstream of it (their taps read ĝ) but computes one weight gradient
         # only and captures no activation-sized gradient. Layers off that path get a second pass.
-        self._in_mc_pass = True
         try:
             with record_function("kfac::sampled_backward"):  # G is inside this range on this route
                 first = self._pending[0][0].helper.module.weight
@@ -359,9 +366,8 @@ class KFAC(Callback):
                 if rest:
                     torch.autograd.grad(logits, rest, cot, retain_graph=True, allow_unused=True)
         finally:
-            self._in_mc_pass = False
-        self._pending.clear()
-        self._logits = None
+            for h in handles:
+                h.remove()
 
     def on_after_backward(self, trainer, pl_module) -> None:
         sampled, self._sampled = self._sampled, None
@@ -384,8 +390,6 @@ class KFAC(Callback):
             self._warn_once("sampled-unreached", "KFAC: fisher='mc' but the loss's backward never reached the "
                             "logits, so no layer got sampled-label statistics; make the loss depend on the "
                             "logits, set logits_module, or use fisher='empirical'")
-        self._pending.clear()
-        self._logits = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._sampled is not None:  # no backward ran (e.g. the step returned None)

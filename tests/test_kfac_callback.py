@@ -441,26 +441,43 @@ def test_inplace_activation_after_a_layer_does_not_change_its_factors(fisher, tm
 class TwoBranch(nn.Module):
     """The first layer to run (``side``) is not upstream of ``conv``: its MC pass misses it."""
 
-    def __init__(self):
+    def __init__(self, python_node=False):
         super().__init__()
+        self.python_node = python_node  # a Python autograd node forces KFAC's separate MC pass
         self.side = nn.Linear(192, 4)
         self.conv = nn.Conv2d(3, 2, 3, stride=2, padding=1)
         self.head = nn.Linear(4 + 32, 5)
 
     def forward(self, x):
         a = self.side(x.flatten(1))
+        if self.python_node:
+            a = Twice.apply(a) / 2
         b = torch.relu(self.conv(x)).flatten(1)
         return self.head(torch.cat([torch.relu(a), b], 1))
 
 
-def test_mc_reaches_layers_off_the_first_layers_path(tmp_path, recwarn):
+@pytest.mark.parametrize("python_node", [False, True])
+def test_mc_reaches_layers_off_the_first_layers_path(python_node, tmp_path, recwarn):
     kfac = KFAC(factor_update_interval=1, fisher="mc")
-    trainer(tmp_path, max_steps=2, callbacks=[kfac]).fit(TinyModule(net=TwoBranch()), loader(tiny_data()))
+    trainer(tmp_path, max_steps=2, callbacks=[kfac]).fit(TinyModule(net=TwoBranch(python_node)), loader(tiny_data()))
     factors = kfac.state_dict()["factors"]
     assert set(factors) == {"net.side", "net.conv", "net.head"}
     assert not [w for w in recwarn if "no statistics" in str(w.message)]
     for f in factors.values():
         assert torch.linalg.eigvalsh(f["G"]).min() > -1e-6 and f["G"].trace() > 0
+
+
+def test_mc_routes_agree_on_layers_off_the_first_layers_path(tmp_path):
+    """The separate pass needs a second autograd.grad for ``conv``; no layer counts twice."""
+    got = []
+    for python_node in (False, True):
+        kfac = KFAC(factor_decay=0.0, factor_update_interval=1, fisher="mc")
+        torch.manual_seed(0)  # the same weights and label sampler for both routes
+        trainer(tmp_path, max_steps=1, callbacks=[kfac]).fit(TinyModule(net=TwoBranch(python_node)),
+                                                             loader(tiny_data()))
+        got.append(kfac.state_dict()["factors"])
+    for name, f in got[0].items():
+        assert_close(f["G"], got[1][name]["G"], rtol=1e-5, atol=1e-7)
 
 
 def test_conv_locations_estimate_is_reproducible_and_resumes(tmp_path):
