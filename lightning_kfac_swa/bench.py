@@ -91,6 +91,10 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
         trainer.fit(Bench(), DataLoader(TensorDataset(x, y), batch_size=batch_size))
         return timer.times
 
+    def make_kfac() -> KFAC:  # factor steps at 0, 3, 6, ...; decompositions only at step 0
+        return KFAC(method=method, factor_update_interval=3, inverse_update_interval=10**9,
+                    conv_locations=locations or None, fisher=fisher)
+
     if method == "sgd":
         kfac, factor, sgd = None, None, None
         plain = statistics.median(fit()[1:])  # step 0 includes warm-up
@@ -104,8 +108,7 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
         factors: list[float] = []
         peak = 0.0
         for r in range(rounds):
-            kfac = KFAC(method=method, factor_update_interval=3, inverse_update_interval=10**9,
-                        conv_locations=locations or None, fisher=fisher)
+            kfac = make_kfac()
             times = fit(kfac)
             if r == 0:
                 peak = _peak_gb(device)
@@ -115,8 +118,7 @@ def _run_one(net: str, method: str, batch_size: int, steps: int, locations: int,
         plain, factor, sgd = statistics.median(plains), statistics.median(factors), statistics.median(sgd_times)
     split = None
     if breakdown and kfac is not None:
-        split = _factor_step_split(fit, KFAC(method=method, factor_update_interval=3, inverse_update_interval=10**9,
-                                             conv_locations=locations or None, fisher=fisher), steps)
+        split = _factor_step_split(fit, make_kfac(), steps)
     decomposition = None
     if kfac is not None:
         t0 = time.perf_counter()
@@ -339,7 +341,6 @@ def main(argv: list[str] | None = None) -> None:
                                   args.rounds, args.breakdown)))
         return
 
-    rows = []
     for net in args.nets:
         configs = [("sgd", 0, "mc")] + [(m, s, f) for m in args.methods for s in args.locations for f in args.fishers]
         for method, locations, fisher in configs:
@@ -355,11 +356,10 @@ def main(argv: list[str] | None = None) -> None:
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"benchmark configuration {net}/{method} failed")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(_format(rows[-1], rows), flush=True)
+            print(_format(json.loads(out.stdout.strip().splitlines()[-1])), flush=True)
 
 
-def _format(r: dict, rows: list[dict]) -> str:
+def _format(r: dict) -> str:
     if r["method"] == "sgd":
         return (f"{r['net']:<13} sgd                                    step {r['plain_s']:.3f} s"
                 f"                                                   peak {r['peak_gb']:.2f} GB")
